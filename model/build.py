@@ -1,0 +1,151 @@
+"""Builders for torchvision's Mask R-CNN, keyword-only, returning a plain `nn.Module`.
+
+I/O contract of the returned model (torchvision's, unchanged):
+- eval mode input: a list of float tensors `[3, H, W]`, RGB, values in 0–1, any sizes (resized inside so the short
+  side is `min_size`, long side capped at `max_size`, then mapped back: outputs are in input-image pixels).
+- eval mode output: one dict per image: `boxes [N, 4]` float xyxy, `labels [N]` int64 (0 is background, never
+  returned), `scores [N]` float sorted descending, `masks [N, 1, H, W]` soft masks in 0–1 (threshold at 0.5).
+
+`weights` selects the initialisation:
+- `"DEFAULT"`: torchvision's COCO weights (downloaded on first use; needs internet or a warm torch hub cache).
+- `"backbone"`: ImageNet ResNet-50 backbone only (downloaded), new heads; what training from scratch on a new
+  dataset usually wants.
+- `"none"`: random initialisation (tests, offline machines). Seeded, so every actor builds the same model.
+- anything else: a checkpoint URL (local path or fsspec URL) written by `save_checkpoint`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import torch
+from torch import nn
+
+from model import checkpoint as ckpt
+from model.labels import COCO_CATEGORIES
+
+ARCHITECTURES = ("maskrcnn_resnet50_fpn",)
+BUILTIN_WEIGHTS = ("DEFAULT", "backbone", "none")
+# The seed that makes `weights="none"` reproducible across processes: every inference actor must hold the same model.
+RANDOM_INIT_SEED = 0
+
+
+def build_maskrcnn(
+    *,
+    num_classes: int = 91,
+    weights: str = "none",
+    min_size: int = 800,
+    max_size: int = 1333,
+    box_score_thresh: float = 0.05,
+    box_detections_per_img: int = 100,
+    trainable_backbone_layers: int | None = None,
+) -> nn.Module:
+    """Build `maskrcnn_resnet50_fpn` with the given initialisation (`"DEFAULT"`, `"backbone"` or `"none"`).
+
+    Checkpoint URLs are handled by `load_model`, which reads the architecture stored in the checkpoint first.
+    """
+    from torchvision.models import ResNet50_Weights
+    from torchvision.models.detection import MaskRCNN_ResNet50_FPN_Weights, maskrcnn_resnet50_fpn
+
+    if weights not in BUILTIN_WEIGHTS:
+        raise ValueError(f"weights must be one of {BUILTIN_WEIGHTS}, got {weights!r}")
+    if min_size <= 0 or max_size < min_size:
+        raise ValueError(f"need 0 < min_size <= max_size, got min_size={min_size} max_size={max_size}")
+    if not 0.0 <= box_score_thresh <= 1.0:
+        raise ValueError(f"box_score_thresh must be in [0, 1], got {box_score_thresh}")
+    kwargs: dict[str, Any] = dict(
+        min_size=min_size,
+        max_size=max_size,
+        box_score_thresh=box_score_thresh,
+        box_detections_per_img=box_detections_per_img,
+    )
+    if weights == "DEFAULT":
+        if num_classes != 91:
+            raise ValueError("weights='DEFAULT' is the 91-class COCO head; use 'backbone' for another class count")
+        return maskrcnn_resnet50_fpn(weights=MaskRCNN_ResNet50_FPN_Weights.DEFAULT, **kwargs)
+    if weights == "backbone":
+        return maskrcnn_resnet50_fpn(
+            weights=None,
+            weights_backbone=ResNet50_Weights.IMAGENET1K_V1,
+            num_classes=num_classes,
+            trainable_backbone_layers=trainable_backbone_layers,
+            **kwargs,
+        )
+    # Random init: fork the RNG so seeding here does not disturb the caller's random stream.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(RANDOM_INIT_SEED)
+        return maskrcnn_resnet50_fpn(weights=None, weights_backbone=None, num_classes=num_classes, **kwargs)
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelSpec:
+    """What a resolved `weights` value means: enough to rebuild the model and to name it in outputs."""
+
+    weights: str  # "DEFAULT" | "none" | checkpoint URL
+    model_id: str  # stable identifier written next to every result row
+    class_names: tuple[str, ...]  # index = label; index 0 is "__background__"
+    min_size: int
+    max_size: int
+    architecture: str = "maskrcnn_resnet50_fpn"
+
+
+def resolve_spec(
+    weights: str,
+    *,
+    min_size: int | None = None,
+    max_size: int | None = None,
+    storage_options: dict | None = None,
+) -> ModelSpec:
+    """Resolve `weights` without building the model: class names, sizes and an id.
+
+    `min_size`/`max_size` of None mean "the checkpoint's own" (torchvision's 800/1333 for built-in weights).
+    A checkpoint is read (and validated) here, so a bad URL fails before any work starts.
+    """
+    if weights in ("DEFAULT", "none"):
+        model_id = (
+            "torchvision:MaskRCNN_ResNet50_FPN_Weights.COCO_V1"
+            if weights == "DEFAULT"
+            else f"random-init:maskrcnn_resnet50_fpn:seed{RANDOM_INIT_SEED}"
+        )
+        return ModelSpec(
+            weights=weights,
+            model_id=model_id,
+            class_names=tuple(COCO_CATEGORIES),
+            min_size=min_size or 800,
+            max_size=max_size or 1333,
+        )
+    header = ckpt.load_checkpoint(weights, storage_options=storage_options, with_state=False)
+    arch = header.arch
+    return ModelSpec(
+        weights=weights,
+        model_id=f"checkpoint:{header.digest[:16]}",
+        class_names=tuple(header.class_names),
+        min_size=min_size or int(arch.get("min_size", 800)),
+        max_size=max_size or int(arch.get("max_size", 1333)),
+        architecture=str(arch.get("name", "maskrcnn_resnet50_fpn")),
+    )
+
+
+def load_model(
+    spec: ModelSpec,
+    *,
+    box_score_thresh: float = 0.05,
+    box_detections_per_img: int = 100,
+    storage_options: dict | None = None,
+) -> nn.Module:
+    """Build the model a `ModelSpec` describes, weights loaded, in eval mode, on the CPU."""
+    if spec.architecture not in ARCHITECTURES:
+        raise ValueError(f"unknown architecture {spec.architecture!r}; this build knows {ARCHITECTURES}")
+    common = dict(
+        min_size=spec.min_size,
+        max_size=spec.max_size,
+        box_score_thresh=box_score_thresh,
+        box_detections_per_img=box_detections_per_img,
+    )
+    if spec.weights in ("DEFAULT", "none"):
+        return build_maskrcnn(num_classes=len(spec.class_names), weights=spec.weights, **common).eval()
+    loaded = ckpt.load_checkpoint(spec.weights, storage_options=storage_options)
+    model = build_maskrcnn(num_classes=len(loaded.class_names), weights="none", **common)
+    model.load_state_dict(loaded.model_state)
+    return model.eval()

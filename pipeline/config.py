@@ -1,0 +1,238 @@
+"""Typed, validated configuration of the segment job: frozen dataclasses built from a plain dict.
+
+Parsing files (YAML) and command-line overrides happens in `jobs/`; this module only checks a nested dict against the
+dataclasses below. Every error names the dotted key and what is allowed, and is raised before any work starts.
+Every key is documented in `configs/segment_archive.yaml`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import types
+import typing
+from typing import Any, Literal, Union
+
+SECRET_KEYS = frozenset({"key", "secret", "token", "session_token"})
+REDACTED = "***"
+
+
+class ConfigError(ValueError):
+    """A configuration problem, phrased for the user: names the key and the allowed values."""
+
+
+@dataclasses.dataclass(frozen=True)
+class StorageConfig:
+    """Options for s3:// URLs (passed to s3fs). Unset values fall back to the standard AWS environment variables
+    (AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_PROFILE, AWS_REGION) and ~/.aws files."""
+
+    endpoint_url: str | None = None
+    anon: bool = False
+    profile: str | None = None
+    region: str | None = None
+    key: str | None = None
+    secret: str | None = None
+    session_token: str | None = None
+
+    def options_for(self, url: str) -> dict[str, Any]:
+        """fsspec storage options for `url`: s3fs keywords for s3:// URLs, nothing for other protocols."""
+        if not url.startswith(("s3://", "s3a://")):
+            return {}
+        opts: dict[str, Any] = {}
+        if self.anon:
+            opts["anon"] = True
+        if self.profile:
+            opts["profile"] = self.profile
+        if self.key:
+            opts["key"] = self.key
+        if self.secret:
+            opts["secret"] = self.secret
+        if self.session_token:
+            opts["token"] = self.session_token
+        client_kwargs = {}
+        # The endpoint from the environment is made explicit here, on the driver, because Ray workers on other
+        # nodes do not share the driver's environment. Credentials are not copied: workers use their own
+        # (instance role, environment, ~/.aws), or the keys above when given.
+        endpoint = self.endpoint_url or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+        if endpoint:
+            client_kwargs["endpoint_url"] = endpoint
+        if self.region:
+            client_kwargs["region_name"] = self.region
+        if client_kwargs:
+            opts["client_kwargs"] = client_kwargs
+        return opts
+
+
+@dataclasses.dataclass(frozen=True)
+class InputConfig:
+    url: str | None = None
+    max_pixels: int = 100_000_000
+    unit_size: int = 64
+    storage: StorageConfig = dataclasses.field(default_factory=StorageConfig)
+
+    def storage_options(self) -> dict[str, Any]:
+        return self.storage.options_for(self.url or "")
+
+
+@dataclasses.dataclass(frozen=True)
+class OutputConfig:
+    url: str | None = None
+    mode: Literal["resume", "overwrite"] = "resume"
+    storage: StorageConfig = dataclasses.field(default_factory=StorageConfig)
+
+    def storage_options(self) -> dict[str, Any]:
+        return self.storage.options_for(self.url or "")
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    weights: str = "DEFAULT"
+    min_size: int | None = None  # None ("auto"): the checkpoint's own, else torchvision's 800
+    max_size: int | None = None  # None ("auto"): the checkpoint's own, else torchvision's 1333
+    score_threshold: float = 0.5
+    max_detections: int = 100
+    batch_size: int = 4
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    storage: StorageConfig = dataclasses.field(default_factory=StorageConfig)
+
+    def storage_options(self) -> dict[str, Any]:
+        return self.storage.options_for(self.weights)
+
+
+@dataclasses.dataclass(frozen=True)
+class ComputeConfig:
+    min_actors: int | None = None
+    max_actors: int | None = None
+    gpus_per_actor: float | None = None
+    cpus_per_actor: float | None = None
+    threads_per_actor: int | None = None
+    read_cpus: float = 0.25
+
+
+@dataclasses.dataclass(frozen=True)
+class SegmentConfig:
+    input: InputConfig = dataclasses.field(default_factory=InputConfig)
+    output: OutputConfig = dataclasses.field(default_factory=OutputConfig)
+    model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
+    compute: ComputeConfig = dataclasses.field(default_factory=ComputeConfig)
+    on_image_error: Literal["record", "raise"] = "record"
+    progress_interval_s: float = 10.0
+
+
+# --- generic dict → dataclass validation -------------------------------------------------------------------------
+
+# Fields whose "auto" (or null) means "decide from the cluster / checkpoint"; see configs/segment_archive.yaml.
+_AUTO = "auto"
+
+
+def from_dict(cls: type, data: dict | None, *, prefix: str = "") -> Any:
+    """Build dataclass `cls` from `data`, checking every key and value. Raises `ConfigError`."""
+    data = {} if data is None else data
+    if not isinstance(data, dict):
+        raise ConfigError(f"{prefix.rstrip('.') or 'config'}: expected a mapping, got {type(data).__name__}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    hints = typing.get_type_hints(cls)
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        where = f"under '{prefix.rstrip('.')}'" if prefix else "at the top level"
+        raise ConfigError(f"unknown key '{prefix}{unknown[0]}'; allowed keys {where}: {', '.join(fields)}")
+    kwargs = {}
+    for name, value in data.items():
+        kwargs[name] = _coerce(hints[name], value, f"{prefix}{name}")
+    return cls(**kwargs)
+
+
+def _coerce(tp: Any, value: Any, key: str) -> Any:
+    if dataclasses.is_dataclass(tp):
+        return from_dict(tp, value, prefix=f"{key}.")
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin is Literal:
+        if value not in args:
+            allowed = ", ".join(repr(a) for a in args)
+            raise ConfigError(f"{key}: expected one of {allowed}, got {value!r}")
+        return value
+    if origin in (Union, types.UnionType):
+        inner = [a for a in args if a is not type(None)]
+        if type(None) in args and (value is None or value == _AUTO):
+            return None
+        if len(inner) == 1:
+            try:
+                return _coerce(inner[0], value, key)
+            except ConfigError as e:
+                raise ConfigError(f"{e} (or 'auto'/null)") from None
+        raise TypeError(f"unsupported config type {tp}")
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key}: expected true or false, got {value!r}")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return _check_range(key, value)
+        raise ConfigError(f"{key}: expected an integer, got {value!r}")
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return _check_range(key, float(value))
+        raise ConfigError(f"{key}: expected a number, got {value!r}")
+    if tp is str:
+        if isinstance(value, str) and value:
+            return value
+        raise ConfigError(f"{key}: expected a non-empty string, got {value!r}")
+    raise TypeError(f"unsupported config type {tp}")
+
+
+# Value ranges that a type alone cannot express.
+_RANGES: dict[str, tuple[float, float]] = {
+    "input.max_pixels": (1, float("inf")),
+    "input.unit_size": (1, 1_000_000),
+    "model.min_size": (32, 10_000),
+    "model.max_size": (32, 20_000),
+    "model.score_threshold": (0.0, 1.0),
+    "model.max_detections": (1, 10_000),
+    "model.batch_size": (1, 1024),
+    "compute.min_actors": (1, 100_000),
+    "compute.max_actors": (1, 100_000),
+    "compute.gpus_per_actor": (0.0, 64.0),
+    "compute.cpus_per_actor": (0.0, 1024.0),
+    "compute.threads_per_actor": (1, 1024),
+    "compute.read_cpus": (0.01, 64.0),
+    "progress_interval_s": (0.1, 86_400.0),
+}
+
+
+def _check_range(key: str, value: float) -> Any:
+    lo, hi = _RANGES.get(key, (float("-inf"), float("inf")))
+    if not lo <= value <= hi:
+        raise ConfigError(f"{key}: expected a value in [{lo:g}, {hi:g}], got {value!r}")
+    return value
+
+
+def segment_config(data: dict | None) -> SegmentConfig:
+    """Validate a full segment-job config dict (defaults filled in) and the rules that span keys."""
+    cfg: SegmentConfig = from_dict(SegmentConfig, data)
+    if not cfg.input.url:
+        raise ConfigError("input.url: required (give --input URL or set input.url)")
+    if not cfg.output.url:
+        raise ConfigError("output.url: required (give --output URL or set output.url)")
+    m, c = cfg.model, cfg.compute
+    if m.min_size and m.max_size and m.max_size < m.min_size:
+        raise ConfigError(f"model.max_size: must be >= model.min_size ({m.min_size}), got {m.max_size}")
+    if c.min_actors and c.max_actors and c.max_actors < c.min_actors:
+        raise ConfigError(f"compute.max_actors: must be >= compute.min_actors ({c.min_actors}), got {c.max_actors}")
+    if m.device == "cuda" and c.gpus_per_actor == 0:
+        raise ConfigError("compute.gpus_per_actor: must be > 0 (or auto) when model.device is 'cuda'")
+    return cfg
+
+
+def redacted(obj: Any) -> Any:
+    """A plain-dict copy of a config with every credential replaced by '***' (safe to log and to write out)."""
+    if dataclasses.is_dataclass(obj):
+        obj = dataclasses.asdict(obj)
+    if isinstance(obj, dict):
+        return {
+            k: (REDACTED if k in SECRET_KEYS and v is not None else redacted(v))
+            for k, v in obj.items()
+        }
+    if isinstance(obj, list):
+        return [redacted(v) for v in obj]
+    return obj

@@ -1,0 +1,76 @@
+"""The output contract: Arrow schemas of `images/` and `detections/` (documented in the README).
+
+`images/`: one row per input. `detections/`: one row per instance with score >= model.score_threshold.
+Masks are COCO compressed RLE of the full image (`size` = [height, width], `counts` ASCII), decodable with
+`pycocotools.mask.decode({"size": size, "counts": counts})`. Boxes are COCO `[x, y, w, h]` in image pixels of the
+image as a viewer shows it (EXIF orientation applied).
+"""
+
+from __future__ import annotations
+
+import pyarrow as pa
+import pyarrow.compute as pc
+
+STATUS_OK = "ok"
+STATUS_ERROR = "error"
+
+MASK_TYPE = pa.struct([("size", pa.list_(pa.int32())), ("counts", pa.string())])
+
+IMAGES_SCHEMA = pa.schema(
+    [
+        ("image_uri", pa.string()),
+        ("status", pa.string()),  # "ok" | "error"
+        ("error", pa.string()),  # reason, null when ok
+        ("height", pa.int32()),  # null when the image could not be decoded
+        ("width", pa.int32()),
+        ("num_detections", pa.int32()),  # rows in detections/ for this image (0 on error)
+        ("bytes", pa.int64()),  # size of the encoded input, null when it could not be read
+        ("decode_ms", pa.float32()),
+        ("infer_ms", pa.float32()),  # this image's share of its batch's model + postprocess time
+        ("unit_id", pa.string()),  # the work unit (commit granularity) this input belongs to
+        ("model_id", pa.string()),
+        ("run_id", pa.string()),
+    ]
+)
+
+DETECTION_FIELDS = [
+    ("instance", pa.int32()),  # 0-based index within the image, score-descending
+    ("label", pa.int32()),
+    ("label_name", pa.string()),
+    ("score", pa.float32()),
+    ("bbox", pa.list_(pa.float32())),  # [x, y, w, h]
+    ("area", pa.int64()),  # mask pixels
+    ("mask", MASK_TYPE),
+]
+DETECTION_STRUCT = pa.struct(DETECTION_FIELDS)
+
+DETECTIONS_SCHEMA = pa.schema(
+    [("image_uri", pa.string()), *DETECTION_FIELDS, ("model_id", pa.string()), ("run_id", pa.string())]
+)
+
+# What an inference actor returns per batch: image rows, their place in the work unit, nested detections.
+RESULT_SCHEMA = pa.schema(
+    [
+        *IMAGES_SCHEMA,
+        ("unit_index", pa.int32()),
+        ("unit_total", pa.int32()),
+        ("detections", pa.list_(DETECTION_STRUCT)),
+    ]
+)
+
+
+def split_results(results: pa.Table) -> tuple[pa.Table, pa.Table]:
+    """Split actor results (`RESULT_SCHEMA`) into an images table and a flat detections table."""
+    images = results.select(IMAGES_SCHEMA.names).cast(IMAGES_SCHEMA)
+    nested = results.column("detections").combine_chunks()
+    flat = nested.flatten()
+    if len(flat) == 0:
+        return images, DETECTIONS_SCHEMA.empty_table()
+    parents = pc.list_parent_indices(nested)
+    columns = {
+        "image_uri": results.column("image_uri").take(parents),
+        **{name: flat.field(name) for name, _ in DETECTION_FIELDS},
+        "model_id": results.column("model_id").take(parents),
+        "run_id": results.column("run_id").take(parents),
+    }
+    return images, pa.table(columns).cast(DETECTIONS_SCHEMA)

@@ -1,0 +1,95 @@
+"""Shared fixtures: a real local Ray, a real S3 API (moto's server on 127.0.0.1), small generated images."""
+
+from __future__ import annotations
+
+import io
+import os
+import socket
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+
+# Dummy credentials for the moto server, set before any Ray worker starts so that workers inherit them
+# (workers take the environment of the Ray instance, not of later changes in this process).
+os.environ.setdefault("AWS_ACCESS_KEY_ID", "testing-key")
+os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "testing-secret")
+os.environ.setdefault("AWS_DEFAULT_REGION", "us-east-1")
+for _var in ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_PROFILE"):
+    os.environ.pop(_var, None)
+
+# A tiny-but-real model: torchvision's Mask R-CNN R50-FPN with random weights, resized to a small short side.
+TINY_MODEL = {"weights": "none", "min_size": 128, "max_size": 192, "score_threshold": 0.05, "max_detections": 10}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    """One local Ray for the session: 2 CPUs like the CI machine."""
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False, ignore_reinit_error=True, logging_level="ERROR")
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def moto_server():
+    """moto's S3 server on loopback (how s3fs tests itself). Yields the endpoint URL."""
+    from moto.server import ThreadedMotoServer
+
+    port = free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port)
+    server.start()
+    yield f"http://127.0.0.1:{port}"
+    server.stop()
+
+
+@pytest.fixture
+def s3(moto_server):
+    """A fresh bucket on the moto server; yields (s3fs filesystem, bucket name, endpoint)."""
+    import uuid
+
+    import s3fs
+
+    s3fs.S3FileSystem.clear_instance_cache()
+    fs = s3fs.S3FileSystem(client_kwargs={"endpoint_url": moto_server})
+    bucket = f"test-{uuid.uuid4().hex[:10]}"
+    fs.mkdir(bucket)
+    yield fs, bucket, moto_server
+    s3fs.S3FileSystem.clear_instance_cache()
+
+
+def jpeg_bytes(h: int = 72, w: int = 96, seed: int = 0, **save) -> bytes:
+    rng = np.random.default_rng(seed)
+    arr = rng.integers(0, 256, size=(h, w, 3), dtype=np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, format="JPEG", **save)
+    return buf.getvalue()
+
+
+def png_bytes(arr: np.ndarray, mode: str | None = None, **save) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(arr, mode=mode).save(buf, format="PNG", **save)
+    return buf.getvalue()
+
+
+@pytest.fixture(scope="session")
+def shapes_dir(tmp_path_factory):
+    """A small generated shapes dataset on disk (12 val images) shared by tests that only read it."""
+    from pipeline.shapes import make_shapes
+
+    root = tmp_path_factory.mktemp("shapes")
+    make_shapes(str(root), train=0, val=12, seed=1, size=(96, 128))
+    return root

@@ -1,0 +1,81 @@
+import io
+import os
+
+import pytest
+import torch
+
+from model.build import build_maskrcnn, load_model, resolve_spec
+from model.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+
+CLASSES = ["__background__", "circle", "square"]
+
+
+def _save_small(path, **extra):
+    model = build_maskrcnn(num_classes=3, weights="none", min_size=128, max_size=192)
+    save_checkpoint(
+        str(path),
+        model_state=model.state_dict(),
+        arch={"name": "maskrcnn_resnet50_fpn", "num_classes": 3, "min_size": 128, "max_size": 192},
+        class_names=CLASSES,
+        **extra,
+    )
+    return model
+
+
+def test_checkpoint_round_trip_rebuilds_identical_model(tmp_path):
+    path = tmp_path / "ck.pt"
+    original = _save_small(path, epoch=3)
+    spec = resolve_spec(str(path))
+    assert spec.class_names == tuple(CLASSES) and spec.min_size == 128 and spec.max_size == 192
+    assert spec.model_id.startswith("checkpoint:")
+    rebuilt = load_model(spec)
+    for (k, a), (_, b) in zip(original.state_dict().items(), rebuilt.state_dict().items()):
+        assert torch.equal(a, b), k
+    assert load_checkpoint(str(path)).extra["epoch"] == 3
+
+
+def test_sizes_from_config_override_checkpoint(tmp_path):
+    path = tmp_path / "ck.pt"
+    _save_small(path)
+    assert resolve_spec(str(path), min_size=160).min_size == 160
+
+
+def test_pickled_payload_is_refused(tmp_path):
+    class Evil:
+        def __reduce__(self):
+            return (os.system, ("echo pwned",))
+
+    path = tmp_path / "evil.pt"
+    torch.save({"format": "archive-segmenter/maskrcnn/v1", "payload": Evil()}, str(path))
+    with pytest.raises(CheckpointError, match="refusing checkpoint"):
+        load_checkpoint(str(path))
+
+
+def test_missing_and_foreign_checkpoints(tmp_path):
+    with pytest.raises(CheckpointError, match="not found"):
+        load_checkpoint(str(tmp_path / "nope.pt"))
+    foreign = tmp_path / "foreign.pt"
+    buf = io.BytesIO()
+    torch.save({"state_dict": {}}, buf)
+    foreign.write_bytes(buf.getvalue())
+    with pytest.raises(CheckpointError, match="not an archive-segmenter checkpoint"):
+        load_checkpoint(str(foreign))
+    garbage = tmp_path / "garbage.pt"
+    garbage.write_bytes(b"not a zip")
+    with pytest.raises(CheckpointError, match="not a readable checkpoint"):
+        load_checkpoint(str(garbage))
+
+
+def test_builder_validates_arguments():
+    with pytest.raises(ValueError, match="weights"):
+        build_maskrcnn(weights="imagenet")
+    with pytest.raises(ValueError, match="min_size"):
+        build_maskrcnn(min_size=500, max_size=100)
+    with pytest.raises(ValueError, match="91-class"):
+        build_maskrcnn(weights="DEFAULT", num_classes=5)
+
+
+def test_random_init_is_reproducible():
+    a = build_maskrcnn(num_classes=3, weights="none", min_size=128, max_size=192).state_dict()
+    b = build_maskrcnn(num_classes=3, weights="none", min_size=128, max_size=192).state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
