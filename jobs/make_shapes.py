@@ -1,6 +1,6 @@
 """Write a synthetic COCO-format shapes dataset (train/val images + instances JSON) to any fsspec URL.
 
-    python jobs/make_shapes.py --output URL --train N --val M [--seed S] [--height H --width W]
+python jobs/make_shapes.py --output URL --train N --val M [--seed S] [--height H --width W]
 """
 
 from __future__ import annotations
@@ -22,9 +22,13 @@ def main() -> int:
     p.add_argument("--height", type=int, default=192)
     p.add_argument("--width", type=int, default=256)
     args = p.parse_args()
-    made = make_shapes(args.output, train=args.train, val=args.val, seed=args.seed, size=(args.height, args.width))
+    made = make_shapes(
+        args.output, train=args.train, val=args.val, seed=args.seed, size=(args.height, args.width)
+    )
     for split, coco in made.items():
-        print(f"{split}: {len(coco['images'])} images, {len(coco['annotations'])} instances → {args.output}/{split}/")
+        print(
+            f"{split}: {len(coco['images'])} images, {len(coco['annotations'])} instances → {args.output}/{split}/"
+        )
     return EXIT_OK
 
 

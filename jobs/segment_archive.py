@@ -23,7 +23,13 @@ DEMO_DIR = "demo"
 DEMO_DEFAULTS = {
     "input": {"url": f"{DEMO_DIR}/shapes/val"},
     "output": {"url": f"{DEMO_DIR}/results", "mode": "overwrite"},
-    "model": {"weights": "none", "min_size": 256, "max_size": 384, "score_threshold": 0.05, "max_detections": 20},
+    "model": {
+        "weights": "none",
+        "min_size": 256,
+        "max_size": 384,
+        "score_threshold": 0.05,
+        "max_detections": 20,
+    },
     "progress_interval_s": 5,
 }
 

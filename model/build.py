@@ -62,7 +62,9 @@ def build_maskrcnn(
     )
     if weights == "DEFAULT":
         if num_classes != 91:
-            raise ValueError("weights='DEFAULT' is the 91-class COCO head; use 'backbone' for another class count")
+            raise ValueError(
+                "weights='DEFAULT' is the 91-class COCO head; use 'backbone' for another class count"
+            )
         return maskrcnn_resnet50_fpn(weights=MaskRCNN_ResNet50_FPN_Weights.DEFAULT, **kwargs)
     if weights == "backbone":
         return maskrcnn_resnet50_fpn(

@@ -60,7 +60,9 @@ def save_checkpoint(
         f.write(buf.getvalue())
 
 
-def load_checkpoint(url: str, *, storage_options: dict | None = None, with_state: bool = True) -> LoadedCheckpoint:
+def load_checkpoint(
+    url: str, *, storage_options: dict | None = None, with_state: bool = True
+) -> LoadedCheckpoint:
     """Read and validate a checkpoint. Raises `CheckpointError` with the URL and the cause."""
     try:
         with fsspec.open(url, "rb", **(storage_options or {})) as f:
@@ -84,7 +86,9 @@ def load_checkpoint(url: str, *, storage_options: dict | None = None, with_state
         raise CheckpointError(f"not a readable checkpoint: {url} ({type(e).__name__}: {e})") from e
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         found = payload.get("format") if isinstance(payload, dict) else type(payload).__name__
-        raise CheckpointError(f"not an archive-segmenter checkpoint: {url} (format {found!r}, expected {FORMAT!r})")
+        raise CheckpointError(
+            f"not an archive-segmenter checkpoint: {url} (format {found!r}, expected {FORMAT!r})"
+        )
     for key in ("arch", "class_names", "model"):
         if key not in payload:
             raise CheckpointError(f"checkpoint {url} lacks {key!r}")

@@ -45,7 +45,9 @@ def encode_binary_masks(binary: np.ndarray) -> list[dict]:
     # pycocotools wants a Fortran-ordered uint8 [H, W, N]; transposing a C array gives exactly that layout.
     fortran = np.asfortranarray(binary.astype(np.uint8, copy=False).transpose(1, 2, 0))
     rles = mask_utils.encode(fortran)
-    return [{"size": [int(r["size"][0]), int(r["size"][1])], "counts": r["counts"].decode("ascii")} for r in rles]
+    return [
+        {"size": [int(r["size"][0]), int(r["size"][1])], "counts": r["counts"].decode("ascii")} for r in rles
+    ]
 
 
 def to_detections(output: dict[str, torch.Tensor], *, score_threshold: float) -> Detections:

@@ -53,7 +53,9 @@ class StorageConfig:
         # The endpoint from the environment is made explicit here, on the driver, because Ray workers on other
         # nodes do not share the driver's environment. Credentials are not copied: workers use their own
         # (instance role, environment, ~/.aws), or the keys above when given.
-        endpoint = self.endpoint_url or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+        endpoint = (
+            self.endpoint_url or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+        )
         if endpoint:
             client_kwargs["endpoint_url"] = endpoint
         if self.region:
@@ -218,7 +220,9 @@ def segment_config(data: dict | None) -> SegmentConfig:
     if m.min_size and m.max_size and m.max_size < m.min_size:
         raise ConfigError(f"model.max_size: must be >= model.min_size ({m.min_size}), got {m.max_size}")
     if c.min_actors and c.max_actors and c.max_actors < c.min_actors:
-        raise ConfigError(f"compute.max_actors: must be >= compute.min_actors ({c.min_actors}), got {c.max_actors}")
+        raise ConfigError(
+            f"compute.max_actors: must be >= compute.min_actors ({c.min_actors}), got {c.max_actors}"
+        )
     if m.device == "cuda" and c.gpus_per_actor == 0:
         raise ConfigError("compute.gpus_per_actor: must be > 0 (or auto) when model.device is 'cuda'")
     return cfg
@@ -229,10 +233,7 @@ def redacted(obj: Any) -> Any:
     if dataclasses.is_dataclass(obj):
         obj = dataclasses.asdict(obj)
     if isinstance(obj, dict):
-        return {
-            k: (REDACTED if k in SECRET_KEYS and v is not None else redacted(v))
-            for k, v in obj.items()
-        }
+        return {k: (REDACTED if k in SECRET_KEYS and v is not None else redacted(v)) for k, v in obj.items()}
     if isinstance(obj, list):
         return [redacted(v) for v in obj]
     return obj

@@ -53,7 +53,9 @@ def decode_image(data: bytes, *, max_pixels: int) -> np.ndarray:
     except DecodeError:
         raise
     except Exception as e:
-        raise DecodeError(f"truncated or corrupt {img.format or 'image'} data: {type(e).__name__}: {e}") from None
+        raise DecodeError(
+            f"truncated or corrupt {img.format or 'image'} data: {type(e).__name__}: {e}"
+        ) from None
 
 
 def _to_rgb8(img: Image.Image) -> np.ndarray:

@@ -153,7 +153,9 @@ class RunSummary:
     def lines(self) -> list[str]:
         out = []
         if self.random_weights:
-            out.append("NOTE: model.weights=none — RANDOM weights; detections are meaningless (a pipeline check).")
+            out.append(
+                "NOTE: model.weights=none — RANDOM weights; detections are meaningless (a pipeline check)."
+            )
         out += [
             f"images: {self.images} ({self.ok} ok, {self.errors} error)   detections: {self.detections}",
             f"units: {self.units_total} planned, {self.units_committed} committed now, "
@@ -213,7 +215,9 @@ def segment(cfg: SegmentConfig, *, log: Callable[[str], None] = print) -> RunSum
     for stats in _read_committed_stats(out, [u.unit_id for u in units if u.unit_id in done]):
         summary.add(stats, this_run=False)
     if summary.units_skipped:
-        log(f"resuming: {summary.units_skipped} of {len(units)} units already committed, {len(pending)} to do")
+        log(
+            f"resuming: {summary.units_skipped} of {len(units)} units already committed, {len(pending)} to do"
+        )
     if pending:
         gpus, node_cpus = cluster_resources()
         res = plan_resources(cfg.compute, device=cfg.model.device, cluster_gpus=gpus, node_cpus=node_cpus)
@@ -297,7 +301,10 @@ def _plan(cfg: SegmentConfig, out: Output, plan_url: str) -> list[WorkUnit]:
             return existing
         inputs = iter_inputs(cfg.input.url, storage_options=cfg.input.storage_options())
         units = plan_units(
-            _nonempty(inputs, cfg.input.url), plan_url=plan_url, unit_size=cfg.input.unit_size, storage_options=opts
+            _nonempty(inputs, cfg.input.url),
+            plan_url=plan_url,
+            unit_size=cfg.input.unit_size,
+            storage_options=opts,
         )
     except JobError:
         raise
@@ -350,7 +357,10 @@ def _execute(
         batch_size=1,
         batch_format="pyarrow",
         num_cpus=res.read_cpus,
-        fn_kwargs={"input_options": cfg.input.storage_options(), "plan_options": cfg.output.storage_options()},
+        fn_kwargs={
+            "input_options": cfg.input.storage_options(),
+            "plan_options": cfg.output.storage_options(),
+        },
     )
     ds = ds.map_batches(
         Segmenter,

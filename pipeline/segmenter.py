@@ -162,7 +162,9 @@ class Segmenter:
             {
                 "instance": k,
                 "label": int(det.labels[k]),
-                "label_name": names[det.labels[k]] if 0 <= det.labels[k] < len(names) else str(int(det.labels[k])),
+                "label_name": names[det.labels[k]]
+                if 0 <= det.labels[k] < len(names)
+                else str(int(det.labels[k])),
                 "score": float(det.scores[k]),
                 "bbox": det.boxes_xywh[k].tolist(),
                 "area": int(det.areas[k]),

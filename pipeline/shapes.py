@@ -59,7 +59,9 @@ def _shape_polygon(kind: int, cx: float, cy: float, r: float, angle: float) -> l
     return pts
 
 
-def render_scene(rng: np.random.Generator, *, height: int, width: int) -> tuple[np.ndarray, list[tuple[int, np.ndarray]]]:
+def render_scene(
+    rng: np.random.Generator, *, height: int, width: int
+) -> tuple[np.ndarray, list[tuple[int, np.ndarray]]]:
     """One image (uint8 `[H, W, 3]`) and its instances as (category id, visible bool mask `[H, W]`)."""
     img = _background(rng, height, width)
     draw = ImageDraw.Draw(img)
@@ -108,7 +110,13 @@ def _annotation(ann_id: int, image_id: int, kind: int, mask: np.ndarray) -> dict
 
 
 def write_split(
-    url: str, split: str, n: int, *, seed: int, size: tuple[int, int] = (192, 256), storage_options: dict | None = None
+    url: str,
+    split: str,
+    n: int,
+    *,
+    seed: int,
+    size: tuple[int, int] = (192, 256),
+    storage_options: dict | None = None,
 ) -> dict:
     """Write `n` images of `split` and its COCO JSON under `url`; returns the COCO dict."""
     fs, root = fsspec.core.url_to_fs(url, **(storage_options or {}))
@@ -140,7 +148,12 @@ def write_split(
 
 
 def make_shapes(
-    url: str, *, train: int, val: int, seed: int = 0, size: tuple[int, int] = (192, 256),
+    url: str,
+    *,
+    train: int,
+    val: int,
+    seed: int = 0,
+    size: tuple[int, int] = (192, 256),
     storage_options: dict | None = None,
 ) -> dict[str, dict]:
     """Write both splits; returns {split: coco dict}."""

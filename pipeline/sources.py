@@ -232,7 +232,9 @@ def read_unit(
 
 def _read_files(unit: WorkUnit, input_options: dict, plan_options: dict) -> Iterator[pa.Table]:
     plan_fs, plan_path = fsspec.core.url_to_fs(unit.location, **plan_options)
-    entries = [line.split("\t", 1) for line in plan_fs.cat_file(plan_path).decode("utf-8").splitlines() if line]
+    entries = [
+        line.split("\t", 1) for line in plan_fs.cat_file(plan_path).decode("utf-8").splitlines() if line
+    ]
     total = len(entries)
     filesystems: dict[str, object] = {}
     for start in range(0, total, READ_CHUNK_ROWS):

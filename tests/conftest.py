@@ -24,7 +24,13 @@ for _var in ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_PROFILE"):
     os.environ.pop(_var, None)
 
 # A tiny-but-real model: torchvision's Mask R-CNN R50-FPN with random weights, resized to a small short side.
-TINY_MODEL = {"weights": "none", "min_size": 128, "max_size": 192, "score_threshold": 0.05, "max_detections": 10}
+TINY_MODEL = {
+    "weights": "none",
+    "min_size": 128,
+    "max_size": 192,
+    "score_threshold": 0.05,
+    "max_detections": 10,
+}
 
 
 def free_port() -> int:

@@ -24,7 +24,9 @@ def job(*args, cwd=None, timeout=300, env=None):
 
 
 def test_bad_config_fails_fast_naming_key(tmp_path):
-    r = job("--input", str(tmp_path), "--output", str(tmp_path / "o"), "--set", "model.wieghts=none", timeout=60)
+    r = job(
+        "--input", str(tmp_path), "--output", str(tmp_path / "o"), "--set", "model.wieghts=none", timeout=60
+    )
     assert r.returncode == 2
     assert r.stderr.strip().splitlines() == [
         "config error: unknown key 'model.wieghts'; allowed keys under 'model': weights, min_size, max_size, "
@@ -48,8 +50,13 @@ def test_no_inputs_and_unreachable_storage_exit_1_with_one_line(tmp_path):
     assert "Traceback" not in r.stderr
     dead = f"http://127.0.0.1:{free_port()}"  # nothing listens there
     r = job(
-        "--input", "s3://bucket/archive", "--output", str(tmp_path / "o2"), *tiny,
-        "--set", f"input.storage.endpoint_url={dead}",
+        "--input",
+        "s3://bucket/archive",
+        "--output",
+        str(tmp_path / "o2"),
+        *tiny,
+        "--set",
+        f"input.storage.endpoint_url={dead}",
     )
     assert r.returncode == 1 and "Traceback" not in r.stderr
     last = r.stderr.strip().splitlines()[-1]

@@ -29,7 +29,10 @@ def test_defaults():
         ({"model": {"score_threshold": 1.5}}, r"model.score_threshold: expected a value in \[0, 1\]"),
         ({"input": {"storage": {"anon": "yes"}}}, "input.storage.anon: expected true or false"),
         ({"on_image_error": "ignore"}, "on_image_error: expected one of 'record', 'raise'"),
-        ({"compute": {"min_actors": 4, "max_actors": 2}}, "compute.max_actors: must be >= compute.min_actors"),
+        (
+            {"compute": {"min_actors": 4, "max_actors": 2}},
+            "compute.max_actors: must be >= compute.min_actors",
+        ),
     ],
 )
 def test_bad_values_name_key_and_allowed(sections, message):
@@ -50,7 +53,9 @@ def test_auto_accepted_for_optional_ints():
 def test_yaml_file_and_set_overrides(tmp_path):
     f = tmp_path / "c.yaml"
     f.write_text("model:\n  weights: none\n  batch_size: 2\ninput:\n  url: a/\n")
-    data = load_config_dict(str(f), ["model.batch_size=8", "output.url=s3://b/out", "input.storage.anon=true"])
+    data = load_config_dict(
+        str(f), ["model.batch_size=8", "output.url=s3://b/out", "input.storage.anon=true"]
+    )
     c = segment_config(data)
     assert c.model.batch_size == 8 and c.model.weights == "none" and c.output.url == "s3://b/out"
     assert c.input.storage.anon is True
@@ -62,7 +67,10 @@ def test_yaml_file_and_set_overrides(tmp_path):
 
 def test_storage_options_and_redaction():
     c = cfg(
-        input={"url": "s3://bucket/in", "storage": {"endpoint_url": "http://127.0.0.1:9", "key": "AK", "secret": "S"}}
+        input={
+            "url": "s3://bucket/in",
+            "storage": {"endpoint_url": "http://127.0.0.1:9", "key": "AK", "secret": "S"},
+        }
     )
     opts = c.input.storage_options()
     assert opts == {"key": "AK", "secret": "S", "client_kwargs": {"endpoint_url": "http://127.0.0.1:9"}}

@@ -7,15 +7,18 @@ import tarfile
 import pyarrow.dataset as pads
 import pytest
 
-from pipeline.config import segment_config
+from pipeline.config import ComputeConfig, ConfigError, segment_config
 from pipeline.errors import JobError
 from pipeline.run import plan_resources, segment
-from pipeline.config import ComputeConfig, ConfigError
 from tests.conftest import TINY_MODEL
 
 
 def run(input_url, output_url, log=None, **over):
-    data = {"input": {"url": input_url, "unit_size": 4}, "output": {"url": output_url}, "model": dict(TINY_MODEL)}
+    data = {
+        "input": {"url": input_url, "unit_size": 4},
+        "output": {"url": output_url},
+        "model": dict(TINY_MODEL),
+    }
     for k, v in over.items():
         data.setdefault(k, {}).update(v) if isinstance(v, dict) else data.__setitem__(k, v)
     lines = []
@@ -90,7 +93,9 @@ def test_rerun_skips_committed_and_changed_settings_are_refused(ray_local, shape
     assert dets.num_rows == first.detections == second.detections
     with pytest.raises(JobError, match="holds results of another input/model/threshold"):
         run(str(shapes_dir / "val"), str(out), model={"score_threshold": 0.9})
-    third, _ = run(str(shapes_dir / "val"), str(out), model={"score_threshold": 0.9}, output={"mode": "overwrite"})
+    third, _ = run(
+        str(shapes_dir / "val"), str(out), model={"score_threshold": 0.9}, output={"mode": "overwrite"}
+    )
     assert third.units_committed == 3 and third.detections <= first.detections
 
 

@@ -3,7 +3,6 @@
 import io
 import tarfile
 
-import numpy as np
 import pyarrow.dataset as pads
 import pytest
 import s3fs
@@ -66,8 +65,10 @@ def test_s3_archive_to_s3_parquet_matches_direct_model(ray_local, s3, shapes_dir
     assert bad[0]["error"].startswith("truncated or corrupt")
 
     # The pipeline adds no error of its own: equal to torchvision called directly on the same decoded image.
-    for f, uri in [(files[0], f"s3://{bucket}/archive/photos/{files[0].name}"),
-                   (files[5], f"s3://{bucket}/archive/shards/s-000.tar#member-{files[5].name}")]:
+    for f, uri in [
+        (files[0], f"s3://{bucket}/archive/photos/{files[0].name}"),
+        (files[5], f"s3://{bucket}/archive/shards/s-000.tar#member-{files[5].name}"),
+    ]:
         img = decode_image(f.read_bytes(), max_pixels=10**8)
         rows = [r for r in dets.to_pylist() if r["image_uri"] == uri]
         assert_matches_reference(rows, reference([img])[0], *img.shape[:2])
@@ -82,7 +83,9 @@ def test_s3_archive_to_s3_parquet_matches_direct_model(ray_local, s3, shapes_dir
 def test_endpoint_from_aws_environment(ray_local, s3, shapes_dir, monkeypatch):
     fs, bucket, endpoint = s3
     upload(fs, bucket, shapes_dir, n=4)
-    monkeypatch.setenv("AWS_ENDPOINT_URL", endpoint)  # no storage section at all: the standard variable suffices
+    monkeypatch.setenv(
+        "AWS_ENDPOINT_URL", endpoint
+    )  # no storage section at all: the standard variable suffices
     s3fs.S3FileSystem.clear_instance_cache()
     cfg = segment_config(
         {

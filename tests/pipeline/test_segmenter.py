@@ -106,8 +106,9 @@ def test_empty_batch_and_no_detections(shapes_dir):
     assert seg(read_rows([])).num_rows == 0
     flat = np.full((64, 64, 3), 127, np.uint8)
     seg.score_threshold = 1.01  # nothing can pass: the zero-detection path
-    from PIL import Image
     import io
+
+    from PIL import Image
 
     buf = io.BytesIO()
     Image.fromarray(flat).save(buf, format="PNG")

@@ -73,7 +73,11 @@ def test_plan_and_read_files_unit(tmp_path):
     rows = pa.concat_tables([_read_all(u) for u in units]).to_pylist()
     assert len(rows) == 5 and all(r["unit_total"] in (1, 2) for r in rows)
     gone = [r for r in rows if r["image_uri"].endswith("gone.jpg")][0]
-    assert gone["data"] is None and gone["read_error"].startswith("read failed:") and "not found" in gone["read_error"]
+    assert (
+        gone["data"] is None
+        and gone["read_error"].startswith("read failed:")
+        and "not found" in gone["read_error"]
+    )
     ok = [r for r in rows if r["image_uri"].endswith("one.JPG")][0]
     assert ok["data"] == (root / "one.JPG").read_bytes()
 
