@@ -53,7 +53,7 @@ def main() -> int:
     if args.output:
         data.setdefault("output", {})["url"] = args.output
     cfg = segment_config(data)  # every key checked before any work starts
-    if args.demo:
+    if args.demo and cfg.input.url == DEMO_DEFAULTS["input"]["url"]:
         _make_demo_archive(cfg.input.url)
 
     from pipeline.run import segment

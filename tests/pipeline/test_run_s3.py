@@ -34,10 +34,12 @@ def upload(fs, bucket, shapes_dir, n=6):
 
 def config(bucket, endpoint, **model):
     storage = {"endpoint_url": endpoint}
+    # Explicit keys in the config (moto accepts any): they must never reach the written config or logs.
+    secret_storage = {**storage, "key": "AKIDEXAMPLEKEY", "secret": "do-not-leak-this-secret"}
     return segment_config(
         {
             "input": {"url": f"s3://{bucket}/archive", "unit_size": 3, "storage": storage},
-            "output": {"url": f"s3://{bucket}/results", "storage": storage},
+            "output": {"url": f"s3://{bucket}/results", "storage": secret_storage},
             "model": {**TINY_MODEL, **model},
         }
     )
@@ -46,7 +48,9 @@ def config(bucket, endpoint, **model):
 def test_s3_archive_to_s3_parquet_matches_direct_model(ray_local, s3, shapes_dir):
     fs, bucket, endpoint = s3
     files = upload(fs, bucket, shapes_dir)
-    summary = segment(config(bucket, endpoint), log=lambda _: None)
+    logged: list[str] = []
+    summary = segment(config(bucket, endpoint), log=logged.append)
+    assert not any("do-not-leak" in line for line in logged + summary.lines())
     assert summary.complete and summary.images == 7 and summary.errors == 1
 
     s3fs.S3FileSystem.clear_instance_cache()
@@ -77,7 +81,8 @@ def test_s3_archive_to_s3_parquet_matches_direct_model(ray_local, s3, shapes_dir
             assert m.shape == img.shape[:2] and m.sum() == r["area"]
     assert reader.exists(f"{bucket}/results/_SUCCESS.json")
     config_text = reader.cat_file(f"{bucket}/results/_config.json").decode()
-    assert endpoint in config_text and "testing-secret" not in config_text
+    assert endpoint in config_text and "do-not-leak-this-secret" not in config_text
+    assert "AKIDEXAMPLEKEY" not in config_text and '"secret": "***"' in config_text
 
 
 def test_endpoint_from_aws_environment(ray_local, s3, shapes_dir, monkeypatch):
