@@ -11,6 +11,7 @@ The last line is `pipeline_vs_bare=<pipeline images/s ÷ bare images/s>`.
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import sys
 import tempfile
@@ -27,7 +28,7 @@ def bare_loop(
     import torch
 
     from model.build import load_model, resolve_spec
-    from pipeline.decode import decode_image
+    from model.decode import decode_image
 
     torch.set_num_threads(threads)
     spec = resolve_spec("none", min_size=min_size, max_size=max_size)
@@ -101,7 +102,8 @@ def main() -> None:
         f"score_threshold {args.score_threshold}; machine: {os.cpu_count()} CPUs"
     )
 
-    bare = bare_loop(
+    run_bare = functools.partial(
+        bare_loop,
         files,
         min_size=args.min_size,
         max_size=args.max_size,
@@ -109,6 +111,7 @@ def main() -> None:
         threads=args.threads,
         score=args.score_threshold,
     )
+    bare = run_bare()
     print(f"bare model loop: {bare:.3f} images/s")
 
     os.environ["PYTHONPATH"] = ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")
@@ -134,14 +137,7 @@ def main() -> None:
         elapsed = time.perf_counter() - start
     # The same bare loop again while the (idle) Ray processes still share the 2 cores: separates Ray's background
     # cost from the pipeline's own work.
-    bare_ray_up = bare_loop(
-        files,
-        min_size=args.min_size,
-        max_size=args.max_size,
-        batch_size=args.batch_size,
-        threads=args.threads,
-        score=args.score_threshold,
-    )
+    bare_ray_up = run_bare()
     ray.shutdown()
     print(f"bare model loop with an idle Ray running beside it: {bare_ray_up:.3f} images/s")
     assert summary.complete and summary.ok == len(files), summary.lines()

@@ -18,8 +18,8 @@ import pyarrow as pa
 import torch
 
 from model.build import ModelSpec, load_model
+from model.decode import DecodeError, decode_image
 from model.postprocess import Detections, to_detections
-from pipeline.decode import DecodeError, decode_image
 from pipeline.schema import RESULT_SCHEMA, STATUS_ERROR, STATUS_OK
 
 ERROR_POLICIES = ("record", "raise")

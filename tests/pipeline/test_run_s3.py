@@ -8,8 +8,8 @@ import pytest
 import s3fs
 from pycocotools import mask as mask_utils
 
+from model.decode import decode_image
 from pipeline.config import segment_config
-from pipeline.decode import decode_image
 from pipeline.errors import JobError
 from pipeline.run import segment
 from tests.conftest import TINY_MODEL

@@ -7,7 +7,7 @@ import torch
 from pycocotools import mask as mask_utils
 
 from model.build import load_model, resolve_spec
-from pipeline.decode import decode_image
+from model.decode import decode_image
 from pipeline.schema import RESULT_SCHEMA, split_results
 from pipeline.segmenter import ImageError, Segmenter
 from pipeline.sources import READ_SCHEMA

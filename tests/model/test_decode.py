@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipeline.decode import DecodeError, decode_image
+from model.decode import DecodeError, decode_image
 from tests.conftest import jpeg_bytes, png_bytes
 
 CAP = 10_000_000
