@@ -35,14 +35,20 @@ def build_maskrcnn(
     *,
     num_classes: int = 91,
     weights: str = "none",
-    min_size: int = 800,
+    min_size: int | tuple[int, ...] = 800,
     max_size: int = 1333,
     box_score_thresh: float = 0.05,
     box_detections_per_img: int = 100,
     trainable_backbone_layers: int | None = None,
+    box_batch_size_per_image: int = 512,
+    box_positive_fraction: float = 0.25,
 ) -> nn.Module:
     """Build `maskrcnn_resnet50_fpn` with the given initialisation (`"DEFAULT"`, `"backbone"` or `"none"`).
 
+    `min_size` as a tuple means multi-scale training: torchvision's transform draws one short side per image in
+    train mode (and uses the last one in eval mode). `box_batch_size_per_image`/`box_positive_fraction` are the
+    paper's RoI sampling (512 per image, 25% positives). BatchNorm is frozen whenever pretrained weights are loaded
+    (`DEFAULT`, `backbone`), as torchvision does; from scratch it trains.
     Checkpoint URLs are handled by `load_model`, which reads the architecture stored in the checkpoint first.
     """
     from torchvision.models import ResNet50_Weights
@@ -50,15 +56,18 @@ def build_maskrcnn(
 
     if weights not in BUILTIN_WEIGHTS:
         raise ValueError(f"weights must be one of {BUILTIN_WEIGHTS}, got {weights!r}")
-    if min_size <= 0 or max_size < min_size:
+    sizes = tuple(min_size) if isinstance(min_size, (tuple, list)) else (min_size,)
+    if not sizes or min(sizes) <= 0 or max_size < max(sizes):
         raise ValueError(f"need 0 < min_size <= max_size, got min_size={min_size} max_size={max_size}")
     if not 0.0 <= box_score_thresh <= 1.0:
         raise ValueError(f"box_score_thresh must be in [0, 1], got {box_score_thresh}")
     kwargs: dict[str, Any] = dict(
-        min_size=min_size,
+        min_size=sizes if len(sizes) > 1 else sizes[0],
         max_size=max_size,
         box_score_thresh=box_score_thresh,
         box_detections_per_img=box_detections_per_img,
+        box_batch_size_per_image=box_batch_size_per_image,
+        box_positive_fraction=box_positive_fraction,
     )
     if weights == "DEFAULT":
         if num_classes != 91:
@@ -78,6 +87,18 @@ def build_maskrcnn(
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(RANDOM_INIT_SEED)
         return maskrcnn_resnet50_fpn(weights=None, weights_backbone=None, num_classes=num_classes, **kwargs)
+
+
+def replace_heads(model: nn.Module, *, num_classes: int) -> nn.Module:
+    """New box and mask predictors for `num_classes` (background included), keeping everything else: how COCO
+    weights are fine-tuned on another dataset."""
+    from torchvision.models.detection.faster_rcnn import FastRCNNPredictor
+    from torchvision.models.detection.mask_rcnn import MaskRCNNPredictor
+
+    heads = model.roi_heads
+    heads.box_predictor = FastRCNNPredictor(heads.box_predictor.cls_score.in_features, num_classes)
+    heads.mask_predictor = MaskRCNNPredictor(heads.mask_predictor.conv5_mask.in_channels, 256, num_classes)
+    return model
 
 
 @dataclasses.dataclass(frozen=True)

@@ -154,6 +154,11 @@ def _coerce(tp: Any, value: Any, key: str) -> Any:
             allowed = ", ".join(repr(a) for a in args)
             raise ConfigError(f"{key}: expected one of {allowed}, got {value!r}")
         return value
+    if origin is tuple:  # tuple[X, ...]: a YAML list, or one scalar meaning a list of one
+        items = value if isinstance(value, (list, tuple)) else [value]
+        if not items:
+            raise ConfigError(f"{key}: expected one or more values, got an empty list")
+        return tuple(_coerce(args[0], v, key) for v in items)
     if origin in (Union, types.UnionType):
         inner = [a for a in args if a is not type(None)]
         if type(None) in args and (value is None or value == _AUTO):

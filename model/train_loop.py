@@ -1,0 +1,244 @@
+"""The per-worker training loop: plain torch, plus the few Ray Train calls marked `# [Ray Train]`.
+
+Launched by `pipeline.train.run_training` as `TorchTrainer(train_per_worker, train_loop_config=...)`; each worker
+reads its own shard (`DistributedSampler` + aspect-ratio grouping), trains with the paper's recipe (SGD momentum
+0.9, weight decay 1e-4, lr 0.02 x total batch / 16, linear warm-up, x0.1 steps), evaluates COCO box/mask AP on the
+val split with predictions gathered from all workers, and reports a checkpoint from rank 0 every epoch.
+
+`config` keys (a plain dict built by `pipeline.train`): train/val annotation and image URLs, storage options, model
+weights and sizes, optimiser settings, `run_config` (the redacted config, stored in checkpoints).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import tempfile
+import time
+
+import torch
+import torch.distributed as dist
+
+from model import checkpoint as ckpt
+from model.build import build_maskrcnn, replace_heads
+from model.coco_eval import evaluate, predictions_to_coco, summary_line
+from model.data import CocoInstances, GroupedBatchSampler, aspect_ratio_group_ids, collate, load_coco
+
+CHECKPOINT_FILE = "model.pt"
+
+
+def lr_factor(
+    step: int, *, warmup_iters: int, warmup_factor: float, milestones: list[int], gamma: float
+) -> float:
+    """Multiplier of the base lr at optimizer step `step`: linear warm-up, then x`gamma` at each milestone."""
+    factor = gamma ** sum(step >= m for m in milestones)
+    if step < warmup_iters:
+        alpha = step / warmup_iters
+        factor *= warmup_factor * (1 - alpha) + alpha
+    return factor
+
+
+def _is_dist() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def build_for_training(config: dict, num_classes: int) -> torch.nn.Module:
+    weights = config["weights"]
+    common = dict(
+        min_size=tuple(config["min_size"]),
+        max_size=config["max_size"],
+        trainable_backbone_layers=config["trainable_backbone_layers"],
+        box_batch_size_per_image=config["rois_per_image"],
+        box_positive_fraction=config["positive_fraction"],
+    )
+    if weights == "DEFAULT":  # COCO weights, new heads for this dataset's classes
+        return replace_heads(
+            build_maskrcnn(num_classes=91, weights="DEFAULT", **common), num_classes=num_classes
+        )
+    if weights in ("backbone", "none"):
+        if weights == "none":
+            common.pop("trainable_backbone_layers")  # from scratch every layer trains
+        return build_maskrcnn(num_classes=num_classes, weights=weights, **common)
+    loaded = ckpt.load_checkpoint(weights, storage_options=config["weights_storage_options"])
+    if len(loaded.class_names) != num_classes:
+        raise ValueError(
+            f"model.weights {weights} has {len(loaded.class_names) - 1} classes, the dataset {num_classes - 1}"
+        )
+    model = build_maskrcnn(num_classes=num_classes, weights="none", **common)
+    model.load_state_dict(loaded.model_state)
+    return model
+
+
+def train_per_worker(config: dict) -> None:
+    import ray.train
+    import ray.train.torch
+
+    ctx = ray.train.get_context()  # [Ray Train]
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    device = ray.train.torch.get_device()  # [Ray Train]
+    if device.type == "cpu" and config.get("threads"):
+        torch.set_num_threads(config["threads"])
+    torch.manual_seed(config["seed"] + rank)
+
+    index = load_coco(config["train_annotations"], storage_options=config["data_storage_options"])
+    train_ds = CocoInstances(
+        annotations_url=config["train_annotations"],
+        images_url=config["train_images"],
+        storage_options=config["data_storage_options"],
+        train=True,
+        flip_prob=config["flip_prob"],
+        index=index,
+    )
+    val_index = load_coco(config["val_annotations"], storage_options=config["data_storage_options"])
+    val_ds = CocoInstances(
+        annotations_url=config["val_annotations"],
+        images_url=config["val_images"],
+        storage_options=config["data_storage_options"],
+        train=False,
+        index=val_index,
+    )
+    if rank == 0 and any(train_ds.dropped.values()):
+        print(f"train data: dropped {train_ds.dropped} annotations (crowd / boxes under 1 px)")
+    model = build_for_training(config, index.num_classes)
+    model = ray.train.torch.prepare_model(model)  # [Ray Train] to device + DDP
+    bare = model.module if hasattr(model, "module") else model
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.SGD(
+        params, lr=config["lr"], momentum=config["momentum"], weight_decay=config["weight_decay"]
+    )
+    sampler = torch.utils.data.DistributedSampler(
+        train_ds, num_replicas=world, rank=rank, shuffle=True, seed=config["seed"]
+    )
+    batches = GroupedBatchSampler(
+        sampler, group_ids=aspect_ratio_group_ids(train_ds.aspect_ratios()), batch_size=config["batch_size"]
+    )
+    loader = torch.utils.data.DataLoader(
+        train_ds, batch_sampler=batches, collate_fn=collate, num_workers=config["loader_workers"]
+    )
+    iters = max(1, len(batches))
+    total = config["epochs"] * iters
+    milestones = [int(f * total) for f in config["lr_steps"]]
+    warmup = min(config["warmup_iters"], iters)  # a short run must not spend all of its steps warming up
+
+    def schedule(step: int) -> float:
+        return lr_factor(
+            step,
+            warmup_iters=warmup,
+            warmup_factor=config["warmup_factor"],
+            milestones=milestones,
+            gamma=config["lr_gamma"],
+        )
+
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+    amp = bool(config["amp"]) and device.type == "cuda"
+    scaler = torch.amp.GradScaler("cuda", enabled=amp)
+
+    start_epoch = 0
+    resume = ray.train.get_checkpoint()  # [Ray Train] set on restarts and re-runs of the same run name
+    if resume is not None:
+        with resume.as_directory() as d:
+            state = ckpt.load_checkpoint(os.path.join(d, CHECKPOINT_FILE))
+        bare.load_state_dict(state.model_state)
+        optimizer.load_state_dict(state.extra["optimizer"])
+        scheduler.load_state_dict(state.extra["scheduler"])
+        start_epoch = int(state.extra["epoch"]) + 1
+        if rank == 0:
+            print(f"resuming from {resume.path} at epoch {start_epoch}")
+
+    for epoch in range(start_epoch, config["epochs"]):
+        batches.set_epoch(epoch)
+        model.train()
+        seen, t0, loss_sum, n_iter = 0, time.perf_counter(), 0.0, 0
+        for it, (images, targets) in enumerate(loader):
+            images = [img.to(device, non_blocking=True) for img in images]
+            targets = [{k: v.to(device, non_blocking=True) for k, v in t.items()} for t in targets]
+            with torch.autocast(device.type, enabled=amp):
+                losses = model(images, targets)
+            loss = sum(losses.values())
+            finite = torch.tensor([1.0 if torch.isfinite(loss).item() else 0.0], device=device)
+            if _is_dist():
+                dist.all_reduce(finite, op=dist.ReduceOp.MIN)  # every worker stops together, no DDP hang
+            if finite.item() < 1:
+                values = {k: round(float(v), 4) for k, v in losses.items()}
+                message = (
+                    f"non-finite loss at epoch {epoch} iteration {it} (step {scheduler.last_epoch}); "
+                    f"losses on rank {rank}: {values}; lower train.lr or raise train.warmup_iters"
+                )
+                ray.train.report({"epoch": epoch, "error": message})  # [Ray Train] same report count on all
+                return
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+            scheduler.step()
+            seen += len(images) * world
+            loss_sum += float(loss)
+            n_iter += 1
+            if rank == 0 and (it + 1) % config["log_interval"] == 0:
+                rate = seen / (time.perf_counter() - t0)
+                parts = " ".join(f"{k}={float(v):.3f}" for k, v in losses.items())
+                print(
+                    f"epoch {epoch} iter {it + 1}/{iters} loss={float(loss):.3f} {parts} "
+                    f"lr={optimizer.param_groups[0]['lr']:.5f} {rate:.2f} images/s"
+                )
+        metrics = {
+            "epoch": epoch,
+            "loss": loss_sum / max(1, n_iter),
+            "images_per_s": seen / max(1e-9, time.perf_counter() - t0),
+        }
+        if (epoch + 1) % config["eval_every"] == 0 or epoch + 1 == config["epochs"]:
+            stats = evaluate_distributed(bare, val_ds, val_index, rank=rank, world=world, device=device)
+            metrics.update(bbox_AP=stats["bbox"][0], segm_AP=stats["segm"][0])
+            if rank == 0:
+                print(f"epoch {epoch}: {summary_line(stats)}")
+        with tempfile.TemporaryDirectory() as d:
+            checkpoint = None
+            if rank == 0:  # one copy of the weights; the other workers report metrics only
+                ckpt.save_checkpoint(
+                    os.path.join(d, CHECKPOINT_FILE),
+                    model_state={k: v.detach().cpu() for k, v in bare.state_dict().items()},
+                    arch={
+                        "name": "maskrcnn_resnet50_fpn",
+                        "num_classes": index.num_classes,
+                        "min_size": config["eval_min_size"],
+                        "max_size": config["max_size"],
+                    },
+                    class_names=list(index.class_names),
+                    optimizer=optimizer.state_dict(),
+                    scheduler=scheduler.state_dict(),
+                    epoch=epoch,
+                    metrics={k: float(v) for k, v in metrics.items()},
+                    config=config["run_config"],
+                )
+                checkpoint = ray.train.Checkpoint.from_directory(d)
+            ray.train.report(metrics, checkpoint=checkpoint)  # [Ray Train]
+
+
+def evaluate_distributed(
+    model, val_ds, val_index, *, rank: int, world: int, device
+) -> dict[str, list[float]]:
+    """Each worker predicts its share of the val images; rank 0 scores all of them with COCOeval."""
+    model.eval()
+    preds: list[dict] = []
+    with torch.inference_mode():
+        for i in range(rank, len(val_ds), world):
+            image, target = val_ds[i]
+            output = model([image.to(device)])[0]
+            preds += predictions_to_coco(
+                int(target["image_id"]),
+                {k: v.cpu() for k, v in output.items()},
+                label_to_cat=val_index.label_to_cat,
+            )
+    gathered: list = [None] * world
+    if _is_dist():
+        dist.all_gather_object(gathered, preds)
+    else:
+        gathered = [preds]
+    stats = None
+    if rank == 0:
+        stats = evaluate(val_index.dataset, [p for part in gathered for p in part], verbose=True)
+    box = [stats]
+    if _is_dist():
+        dist.broadcast_object_list(box, src=0)
+    model.train()
+    return box[0] if box[0] is not None else {"bbox": [math.nan] * 12, "segm": [math.nan] * 12}

@@ -1,0 +1,149 @@
+"""The training job's driver: validated config → Ray Train `TorchTrainer` → the best checkpoint's URL.
+
+Requires a connected Ray (`ray.init` is the caller's business). Running again with the same `run.name` and
+`run.storage_path` resumes from the latest checkpoint; `FailureConfig` restarts failed workers from it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import fsspec
+
+from model.train_loop import CHECKPOINT_FILE, train_per_worker
+from pipeline.config import redacted
+from pipeline.errors import JobError, describe_storage_error
+from pipeline.train_config import TrainConfig
+
+
+@dataclasses.dataclass
+class TrainSummary:
+    run_path: str
+    epochs_done: int
+    metrics: dict
+    best_checkpoint_url: str | None
+    best_metrics: dict
+
+    def lines(self) -> list[str]:
+        out = [f"run: {self.run_path}  epochs done: {self.epochs_done}"]
+        m = self.best_metrics
+        if m:
+            out.append(
+                f"best checkpoint: epoch {m.get('epoch')} bbox_AP={m.get('bbox_AP', math.nan):.3f} "
+                f"segm_AP={m.get('segm_AP', math.nan):.3f}"
+            )
+        out.append(f"best checkpoint URL: {self.best_checkpoint_url}")
+        return out
+
+
+def loop_config(cfg: TrainConfig) -> dict:
+    """The plain dict each worker receives (model/ knows nothing of the config classes)."""
+    d, m, t = cfg.data, cfg.model, cfg.train
+    return {
+        "train_annotations": d.train.annotations,
+        "train_images": d.train.images,
+        "val_annotations": d.val.annotations,
+        "val_images": d.val.images,
+        "data_storage_options": d.storage_options(d.train.annotations),
+        "loader_workers": d.loader_workers,
+        "flip_prob": d.flip_prob,
+        "weights": m.weights,
+        "weights_storage_options": d.storage_options(m.weights),
+        "min_size": list(m.min_size),
+        "max_size": m.max_size,
+        "eval_min_size": cfg.eval_min_size,
+        "trainable_backbone_layers": m.trainable_backbone_layers,
+        "rois_per_image": m.rois_per_image,
+        "positive_fraction": m.positive_fraction,
+        "epochs": t.epochs,
+        "batch_size": t.batch_size,
+        "lr": cfg.lr,
+        "momentum": t.momentum,
+        "weight_decay": t.weight_decay,
+        "warmup_iters": t.warmup_iters,
+        "warmup_factor": t.warmup_factor,
+        "lr_steps": list(t.lr_steps),
+        "lr_gamma": t.lr_gamma,
+        "amp": cfg.scaling.use_gpu if t.amp is None else t.amp,
+        "log_interval": t.log_interval,
+        "eval_every": t.eval_every,
+        "seed": t.seed,
+        "threads": t.threads_per_worker or max(1, int(cfg.scaling.cpus_per_worker)),
+        "run_config": redacted(cfg),
+    }
+
+
+def _storage(cfg: TrainConfig):
+    """(storage_path, pyarrow filesystem or None, URL prefix) for Ray Train's RunConfig."""
+    path = cfg.run.storage_path.rstrip("/")
+    if not path.startswith(("s3://", "s3a://")):
+        return path, None, ""
+    import pyarrow.fs
+    import s3fs
+
+    fs = s3fs.S3FileSystem(**cfg.run.storage.options_for(path))
+    # Through fsspec, so endpoint and credentials follow the same rules as every other URL of the job.
+    return path.split("://", 1)[1], pyarrow.fs.PyFileSystem(pyarrow.fs.FSSpecHandler(fs)), "s3://"
+
+
+def _check_inputs(cfg: TrainConfig) -> None:
+    for key in ("train", "val"):
+        url = getattr(cfg.data, key).annotations
+        try:
+            fs, path = fsspec.core.url_to_fs(url, **cfg.data.storage_options(url))
+            if not fs.exists(path):
+                raise FileNotFoundError(url)
+        except Exception as e:
+            raise JobError(f"data.{key}.annotations: {describe_storage_error(url, e)}") from None
+
+
+def run_training(cfg: TrainConfig) -> TrainSummary:
+    import ray.train
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    _check_inputs(cfg)
+    storage_path, storage_fs, prefix = _storage(cfg)
+    backend = cfg.backend if cfg.backend != "auto" else ("nccl" if cfg.scaling.use_gpu else "gloo")
+    trainer = TorchTrainer(
+        train_per_worker,
+        train_loop_config=loop_config(cfg),
+        torch_config=TorchConfig(backend=backend),
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=cfg.scaling.num_workers,
+            use_gpu=cfg.scaling.use_gpu,
+            resources_per_worker={"CPU": cfg.scaling.cpus_per_worker},
+        ),
+        run_config=ray.train.RunConfig(
+            name=cfg.run.name,
+            storage_path=storage_path,
+            storage_filesystem=storage_fs,
+            failure_config=ray.train.FailureConfig(max_failures=cfg.run.max_failures),
+            checkpoint_config=ray.train.CheckpointConfig(
+                num_to_keep=cfg.run.num_to_keep,
+                checkpoint_score_attribute="segm_AP",
+                checkpoint_score_order="max",
+            ),
+        ),
+    )
+    try:
+        result = trainer.fit()
+    except Exception as e:
+        raise JobError(f"training failed: {type(e).__name__}: {' '.join(str(e).split())[:400]}") from None
+    metrics = dict(result.metrics or {})
+    if "error" in metrics:
+        raise JobError(metrics["error"])
+    best_url, best_metrics = None, {}
+    scored = [(c, m) for c, m in (result.best_checkpoints or []) if m.get("segm_AP") is not None]
+    if scored:
+        best, best_metrics = max(scored, key=lambda cm: cm[1]["segm_AP"])
+        best_url = f"{prefix}{best.path}/{CHECKPOINT_FILE}"
+    elif result.checkpoint is not None:
+        best_url = f"{prefix}{result.checkpoint.path}/{CHECKPOINT_FILE}"
+    return TrainSummary(
+        run_path=f"{prefix}{storage_path}/{cfg.run.name}",
+        epochs_done=int(metrics.get("epoch", -1)) + 1,
+        metrics=metrics,
+        best_checkpoint_url=best_url,
+        best_metrics=dict(best_metrics),
+    )

@@ -1,0 +1,96 @@
+"""Ray Train end to end on a local Ray: two DDP workers (gloo) train a tiny configuration for a few iterations from
+data on the moto S3 server, report COCO AP, write the checkpoint to S3; the segment job runs that checkpoint; a
+second run with the same name resumes (the epoch counter goes on)."""
+
+import pyarrow.dataset as pads
+import pytest
+import s3fs
+
+from pipeline.config import ConfigError, segment_config
+from pipeline.run import segment
+from pipeline.shapes import make_shapes
+from pipeline.train import run_training
+from pipeline.train_config import train_config
+
+
+def tiny(data_root: str, storage_path: str, *, name: str, epochs: int, storage=None) -> dict:
+    split = lambda s: {  # noqa: E731
+        "annotations": f"{data_root}/annotations/instances_{s}.json",
+        "images": f"{data_root}/{s}",
+    }
+    return {
+        "data": {
+            "train": split("train"),
+            "val": split("val"),
+            "loader_workers": 0,
+            **({"storage": storage} or {}),
+        },
+        "model": {"weights": "none", "min_size": [64, 72], "max_size": 128},
+        "train": {"epochs": epochs, "batch_size": 2, "lr": 0.002, "warmup_iters": 2, "log_interval": 1},
+        "scaling": {"num_workers": 2, "cpus_per_worker": 1},
+        "run": {"name": name, "storage_path": storage_path, **({"storage": storage} if storage else {})},
+    }
+
+
+def test_two_workers_from_s3_checkpoint_to_s3_then_segment(ray_local, s3, tmp_path):
+    fs, bucket, endpoint = s3
+    storage = {"endpoint_url": endpoint}
+    make_shapes(
+        f"s3://{bucket}/shapes",
+        train=8,
+        val=4,
+        seed=5,
+        size=(64, 96),
+        storage_options={"client_kwargs": {"endpoint_url": endpoint}},
+    )
+    cfg = train_config(
+        tiny(f"s3://{bucket}/shapes", f"s3://{bucket}/runs", name="s3run", epochs=1, storage=storage)
+    )
+    summary = run_training(cfg)
+    assert summary.epochs_done == 1
+    assert 0.0 <= summary.metrics["segm_AP"] <= 1.0 and 0.0 <= summary.metrics["bbox_AP"] <= 1.0
+    url = summary.best_checkpoint_url
+    assert url.startswith(f"s3://{bucket}/runs/s3run/checkpoint_") and url.endswith("/model.pt")
+    s3fs.S3FileSystem.clear_instance_cache()
+    assert s3fs.S3FileSystem(client_kwargs={"endpoint_url": endpoint}).exists(url)
+
+    # The segment job runs the checkpoint with no other flag: sizes and class names come from it.
+    seg = segment_config(
+        {
+            "input": {"url": f"s3://{bucket}/shapes/val", "storage": storage},
+            "output": {"url": str(tmp_path / "seg")},
+            "model": {"weights": url, "storage": storage, "score_threshold": 0.0},
+        }
+    )
+    result = segment(seg, log=lambda _: None)
+    assert result.complete and result.images == 4 and result.model_id.startswith("checkpoint:")
+    dets = pads.dataset(str(tmp_path / "seg" / "detections"), format="parquet").to_table()
+    assert set(dets.column("label_name").to_pylist()) <= {"circle", "square", "triangle", "star"}
+
+
+def test_same_name_resumes_and_epoch_counter_goes_on(ray_local, tmp_path):
+    make_shapes(str(tmp_path / "shapes"), train=8, val=4, seed=6, size=(64, 96))
+    base = tiny(str(tmp_path / "shapes"), str(tmp_path / "runs"), name="resume", epochs=1)
+    first = run_training(train_config(base))
+    assert first.epochs_done == 1
+    base["train"]["epochs"] = 2
+    second = run_training(train_config(base))
+    assert second.epochs_done == 2 and second.metrics["epoch"] == 1
+
+
+def test_bad_train_config_names_key():
+    with pytest.raises(ConfigError, match="data.train.annotations: required"):
+        train_config({"run": {"name": "x", "storage_path": "/tmp/x"}})
+    with pytest.raises(ConfigError, match="unknown key 'train.lerning_rate'"):
+        train_config({"train": {"lerning_rate": 1}})
+
+
+def test_shipped_train_configs_validate():
+    import os
+
+    import yaml
+
+    root = os.path.join(os.path.dirname(__file__), "..", "..", "configs")
+    for name in ("train.yaml", "train_cpu_small.yaml"):
+        cfg = train_config(yaml.safe_load(open(os.path.join(root, name))))
+        assert cfg.lr > 0 and cfg.run.name
