@@ -16,6 +16,7 @@ import os
 import tempfile
 import time
 
+import fsspec
 import torch
 import torch.distributed as dist
 
@@ -25,6 +26,7 @@ from model.coco_eval import evaluate, predictions_to_coco, summary_line
 from model.data import CocoInstances, GroupedBatchSampler, aspect_ratio_group_ids, collate, load_coco
 
 CHECKPOINT_FILE = "model.pt"
+ERROR_FILE = "_error.txt"  # written by rank 0 when training stops on a non-finite loss
 
 
 def lr_factor(
@@ -164,6 +166,11 @@ def train_per_worker(config: dict) -> None:
                     f"non-finite loss at epoch {epoch} iteration {it} (step {scheduler.last_epoch}); "
                     f"losses on rank {rank}: {values}; lower train.lr or raise train.warmup_iters"
                 )
+                if rank == 0:  # Ray Train keeps only checkpointed metrics: the driver reads this file instead
+                    with fsspec.open(
+                        f"{config['run_path']}/{ERROR_FILE}", "w", **config["run_storage_options"]
+                    ) as f:
+                        f.write(message)
                 ray.train.report({"epoch": epoch, "error": message})  # [Ray Train] same report count on all
                 return
             optimizer.zero_grad(set_to_none=True)

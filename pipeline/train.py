@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 
 import fsspec
 
-from model.train_loop import CHECKPOINT_FILE, train_per_worker
+from model.train_loop import CHECKPOINT_FILE, ERROR_FILE, train_per_worker
 from pipeline.config import redacted
 from pipeline.errors import JobError, describe_storage_error
 from pipeline.train_config import TrainConfig
@@ -37,18 +38,23 @@ class TrainSummary:
         return out
 
 
+def _abs(url: str) -> str:
+    # Workers do not share the driver's working directory: local paths travel absolute.
+    return url if "://" in url or url in ("DEFAULT", "backbone", "none") else os.path.abspath(url)
+
+
 def loop_config(cfg: TrainConfig) -> dict:
     """The plain dict each worker receives (model/ knows nothing of the config classes)."""
     d, m, t = cfg.data, cfg.model, cfg.train
     return {
-        "train_annotations": d.train.annotations,
-        "train_images": d.train.images,
-        "val_annotations": d.val.annotations,
-        "val_images": d.val.images,
+        "train_annotations": _abs(d.train.annotations),
+        "train_images": _abs(d.train.images),
+        "val_annotations": _abs(d.val.annotations),
+        "val_images": _abs(d.val.images),
         "data_storage_options": d.storage_options(d.train.annotations),
         "loader_workers": d.loader_workers,
         "flip_prob": d.flip_prob,
-        "weights": m.weights,
+        "weights": _abs(m.weights),
         "weights_storage_options": d.storage_options(m.weights),
         "min_size": list(m.min_size),
         "max_size": m.max_size,
@@ -71,6 +77,8 @@ def loop_config(cfg: TrainConfig) -> dict:
         "seed": t.seed,
         "threads": t.threads_per_worker or max(1, int(cfg.scaling.cpus_per_worker)),
         "run_config": redacted(cfg),
+        "run_path": f"{_abs(cfg.run.storage_path.rstrip('/'))}/{cfg.run.name}",
+        "run_storage_options": cfg.run.storage.options_for(cfg.run.storage_path),
     }
 
 
@@ -78,7 +86,7 @@ def _storage(cfg: TrainConfig):
     """(storage_path, pyarrow filesystem or None, URL prefix) for Ray Train's RunConfig."""
     path = cfg.run.storage_path.rstrip("/")
     if not path.startswith(("s3://", "s3a://")):
-        return path, None, ""
+        return _abs(path), None, ""  # Ray Train wants an absolute path or a URI
     import pyarrow.fs
     import s3fs
 
@@ -126,13 +134,18 @@ def run_training(cfg: TrainConfig) -> TrainSummary:
             ),
         ),
     )
+    error_url = f"{_abs(cfg.run.storage_path.rstrip('/'))}/{cfg.run.name}/{ERROR_FILE}"
+    error_fs, error_path = fsspec.core.url_to_fs(error_url, **cfg.run.storage.options_for(error_url))
+    if error_fs.exists(error_path):
+        error_fs.rm(error_path)  # a previous attempt's stop; this attempt starts clean
     try:
         result = trainer.fit()
     except Exception as e:
         raise JobError(f"training failed: {type(e).__name__}: {' '.join(str(e).split())[:400]}") from None
+    error_fs.invalidate_cache()
+    if error_fs.exists(error_path):
+        raise JobError(error_fs.cat_file(error_path).decode("utf-8", "replace"))
     metrics = dict(result.metrics or {})
-    if "error" in metrics:
-        raise JobError(metrics["error"])
     best_url, best_metrics = None, {}
     scored = [(c, m) for c, m in (result.best_checkpoints or []) if m.get("segm_AP") is not None]
     if scored:

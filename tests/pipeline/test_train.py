@@ -94,3 +94,14 @@ def test_shipped_train_configs_validate():
     for name in ("train.yaml", "train_cpu_small.yaml"):
         cfg = train_config(yaml.safe_load(open(os.path.join(root, name))))
         assert cfg.lr > 0 and cfg.run.name
+
+
+def test_non_finite_loss_stops_with_iteration_and_losses(ray_local, tmp_path):
+    from pipeline.errors import JobError
+
+    make_shapes(str(tmp_path / "shapes"), train=16, val=2, seed=7, size=(64, 96))
+    base = tiny(str(tmp_path / "shapes"), str(tmp_path / "runs"), name="nan", epochs=1)
+    base["train"].update(lr=10.0, warmup_iters=1)  # the largest lr allowed: diverges within a few steps
+    base["scaling"]["num_workers"] = 1
+    with pytest.raises(JobError, match=r"non-finite loss at epoch \d+ iteration \d+ .*losses on rank 0: \{"):
+        run_training(train_config(base))

@@ -1,0 +1,108 @@
+"""Ray Train loop (1 worker) vs a plain single-process PyTorch loop: same model, data, batch and threads, one run.
+
+    python bench/train.py [--train-images 48] [--batch-size 4] [--threads 2] [--min-size 192]
+
+Both sides train `maskrcnn_resnet50_fpn` from the same random init on the same generated shapes images, one epoch,
+timing the epoch's wall clock (data loading included, evaluation excluded) over the same number of iterations.
+The last line is `ray_train_vs_plain=<Ray Train step time ÷ plain step time>` (target <= 1.10).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+
+def plain_loop(cfg: dict, threads: int) -> tuple[float, int]:
+    """What a user writes without Ray: returns (seconds per step, steps)."""
+    import torch
+
+    from model.data import CocoInstances, GroupedBatchSampler, aspect_ratio_group_ids, collate
+    from model.train_loop import build_for_training
+
+    torch.set_num_threads(threads)
+    torch.manual_seed(cfg["seed"])
+    ds = CocoInstances(annotations_url=cfg["train_annotations"], images_url=cfg["train_images"], train=True)
+    model = build_for_training(cfg, ds.index.num_classes)
+    model.train()
+    opt = torch.optim.SGD(
+        [p for p in model.parameters() if p.requires_grad],
+        lr=cfg["lr"],
+        momentum=cfg["momentum"],
+        weight_decay=cfg["weight_decay"],
+    )
+    batches = GroupedBatchSampler(
+        torch.utils.data.RandomSampler(ds),
+        group_ids=aspect_ratio_group_ids(ds.aspect_ratios()),
+        batch_size=cfg["batch_size"],
+    )
+    loader = torch.utils.data.DataLoader(ds, batch_sampler=batches, collate_fn=collate, num_workers=0)
+    start, steps = time.perf_counter(), 0
+    for images, targets in loader:
+        loss = sum(model(images, targets).values())
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        steps += 1
+    return (time.perf_counter() - start) / steps, steps
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--train-images", type=int, default=48)
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--min-size", type=int, default=192)
+    args = p.parse_args()
+
+    import ray
+
+    from pipeline.shapes import make_shapes
+    from pipeline.train import loop_config, run_training
+    from pipeline.train_config import train_config
+
+    work = tempfile.mkdtemp(prefix="bench-train-")
+    make_shapes(work, train=args.train_images, val=4, seed=3, size=(192, 256))
+    split = lambda s: {"annotations": f"{work}/annotations/instances_{s}.json", "images": f"{work}/{s}"}  # noqa: E731
+    cfg = train_config(
+        {
+            "data": {"train": split("train"), "val": split("val"), "loader_workers": 0, "flip_prob": 0.0},
+            "model": {"weights": "none", "min_size": [args.min_size], "max_size": args.min_size * 2},
+            "train": {
+                "epochs": 1,
+                "batch_size": args.batch_size,
+                "lr": 0.005,
+                "warmup_iters": 5,
+                "log_interval": 1000,
+                "threads_per_worker": args.threads,
+            },
+            "scaling": {"num_workers": 1, "cpus_per_worker": 1},
+            "run": {"name": "bench", "storage_path": f"{work}/runs"},
+        }
+    )
+    print(
+        f"data: {args.train_images} shapes images ~192x256, min_size {args.min_size}, batch {args.batch_size}, "
+        f"{args.threads} torch threads, maskrcnn_resnet50_fpn from scratch; machine: {os.cpu_count()} CPUs"
+    )
+    plain_step, steps = plain_loop(loop_config(cfg), args.threads)
+    print(f"plain loop: {plain_step:.3f} s/step over {steps} steps")
+
+    os.environ["PYTHONPATH"] = ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")
+    ray.init(num_cpus=args.threads, include_dashboard=False, logging_level="ERROR")
+    summary = run_training(cfg)
+    ray.shutdown()
+    ray_step = args.batch_size / summary.metrics["images_per_s"]
+    print(
+        f"Ray Train loop (1 worker, DDP-prepared model, report + checkpoint per epoch): {ray_step:.3f} s/step"
+    )
+    print(f"ray_train_vs_plain={ray_step / plain_step:.3f}")
+
+
+if __name__ == "__main__":
+    main()
