@@ -25,7 +25,21 @@ from torch import nn
 from model import checkpoint as ckpt
 from model.labels import COCO_CATEGORIES
 
-ARCHITECTURES = ("maskrcnn_resnet50_fpn",)
+BACKBONES = ("resnet50", "resnet34", "resnet18")
+# The default stays torchvision's R50-FPN; the lighter ResNets are for CPU-sized training (same heads, same I/O).
+ARCHITECTURES = tuple(f"maskrcnn_{b}_fpn" for b in BACKBONES)
+
+
+def architecture_name(backbone: str) -> str:
+    return f"maskrcnn_{backbone}_fpn"
+
+
+def backbone_of(architecture: str) -> str:
+    if architecture not in ARCHITECTURES:
+        raise ValueError(f"unknown architecture {architecture!r}; this build knows {ARCHITECTURES}")
+    return architecture[len("maskrcnn_") : -len("_fpn")]
+
+
 BUILTIN_WEIGHTS = ("DEFAULT", "backbone", "none")
 # The seed that makes `weights="none"` reproducible across processes: every inference actor must hold the same model.
 RANDOM_INIT_SEED = 0
@@ -42,8 +56,9 @@ def build_maskrcnn(
     trainable_backbone_layers: int | None = None,
     box_batch_size_per_image: int = 512,
     box_positive_fraction: float = 0.25,
+    backbone: str = "resnet50",
 ) -> nn.Module:
-    """Build `maskrcnn_resnet50_fpn` with the given initialisation (`"DEFAULT"`, `"backbone"` or `"none"`).
+    """Build `maskrcnn_<backbone>_fpn` (default torchvision's `maskrcnn_resnet50_fpn`) with the given initialisation (`"DEFAULT"`, `"backbone"` or `"none"`).
 
     `min_size` as a tuple means multi-scale training: torchvision's transform draws one short side per image in
     train mode (and uses the last one in eval mode). `box_batch_size_per_image`/`box_positive_fraction` are the
@@ -56,6 +71,8 @@ def build_maskrcnn(
 
     if weights not in BUILTIN_WEIGHTS:
         raise ValueError(f"weights must be one of {BUILTIN_WEIGHTS}, got {weights!r}")
+    if backbone not in BACKBONES:
+        raise ValueError(f"backbone must be one of {BACKBONES}, got {backbone!r}")
     sizes = tuple(min_size) if isinstance(min_size, (tuple, list)) else (min_size,)
     if not sizes or min(sizes) <= 0 or max_size < max(sizes):
         raise ValueError(f"need 0 < min_size <= max_size, got min_size={min_size} max_size={max_size}")
@@ -69,6 +86,14 @@ def build_maskrcnn(
         box_batch_size_per_image=box_batch_size_per_image,
         box_positive_fraction=box_positive_fraction,
     )
+    if backbone != "resnet50":
+        return _build_light(
+            backbone,
+            num_classes=num_classes,
+            weights=weights,
+            kwargs=kwargs,
+            trainable_backbone_layers=trainable_backbone_layers,
+        )
     if weights == "DEFAULT":
         if num_classes != 91:
             raise ValueError(
@@ -87,6 +112,30 @@ def build_maskrcnn(
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(RANDOM_INIT_SEED)
         return maskrcnn_resnet50_fpn(weights=None, weights_backbone=None, num_classes=num_classes, **kwargs)
+
+
+def _build_light(
+    backbone: str, *, num_classes: int, weights: str, kwargs: dict, trainable_backbone_layers: int | None
+) -> nn.Module:
+    """Mask R-CNN on a ResNet-18/34 FPN: torchvision's heads, a backbone several times cheaper."""
+    from torchvision import models
+    from torchvision.models.detection import MaskRCNN
+    from torchvision.models.detection.backbone_utils import _resnet_fpn_extractor
+    from torchvision.ops import misc as misc_nn_ops
+
+    if weights == "DEFAULT":
+        raise ValueError(
+            f"weights='DEFAULT' exists only for resnet50; use 'backbone' or 'none' with {backbone}"
+        )
+    pretrained = weights == "backbone"
+    enum = {"resnet18": models.ResNet18_Weights, "resnet34": models.ResNet34_Weights}[backbone]
+    # As torchvision does for R50: frozen BatchNorm under pretrained weights, trainable BatchNorm from scratch.
+    norm = misc_nn_ops.FrozenBatchNorm2d if pretrained else nn.BatchNorm2d
+    layers = trainable_backbone_layers if trainable_backbone_layers is not None else (3 if pretrained else 5)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(RANDOM_INIT_SEED)
+        body = getattr(models, backbone)(weights=enum.IMAGENET1K_V1 if pretrained else None, norm_layer=norm)
+        return MaskRCNN(_resnet_fpn_extractor(body, layers), num_classes=num_classes, **kwargs)
 
 
 def replace_heads(model: nn.Module, *, num_classes: int) -> nn.Module:
@@ -140,6 +189,10 @@ def resolve_spec(
         )
     header = ckpt.load_checkpoint(weights, storage_options=storage_options, with_state=False)
     arch = header.arch
+    if arch.get("name", "maskrcnn_resnet50_fpn") not in ARCHITECTURES:
+        raise ckpt.CheckpointError(
+            f"checkpoint {weights} is a {arch.get('name')!r}; this build knows {', '.join(ARCHITECTURES)}"
+        )
     return ModelSpec(
         weights=weights,
         model_id=f"checkpoint:{header.digest[:16]}",
@@ -158,9 +211,8 @@ def load_model(
     storage_options: dict | None = None,
 ) -> nn.Module:
     """Build the model a `ModelSpec` describes, weights loaded, in eval mode, on the CPU."""
-    if spec.architecture not in ARCHITECTURES:
-        raise ValueError(f"unknown architecture {spec.architecture!r}; this build knows {ARCHITECTURES}")
     common = dict(
+        backbone=backbone_of(spec.architecture),
         min_size=spec.min_size,
         max_size=spec.max_size,
         box_score_thresh=box_score_thresh,

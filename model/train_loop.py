@@ -21,7 +21,7 @@ import torch
 import torch.distributed as dist
 
 from model import checkpoint as ckpt
-from model.build import build_maskrcnn, replace_heads
+from model.build import architecture_name, build_maskrcnn, replace_heads
 from model.coco_eval import evaluate, predictions_to_coco, summary_line
 from model.data import CocoInstances, GroupedBatchSampler, aspect_ratio_group_ids, collate, load_coco
 
@@ -47,6 +47,7 @@ def _is_dist() -> bool:
 def build_for_training(config: dict, num_classes: int) -> torch.nn.Module:
     weights = config["weights"]
     common = dict(
+        backbone=config.get("backbone", "resnet50"),
         min_size=tuple(config["min_size"]),
         max_size=config["max_size"],
         trainable_backbone_layers=config["trainable_backbone_layers"],
@@ -205,7 +206,7 @@ def train_per_worker(config: dict) -> None:
                     os.path.join(d, CHECKPOINT_FILE),
                     model_state={k: v.detach().cpu() for k, v in bare.state_dict().items()},
                     arch={
-                        "name": "maskrcnn_resnet50_fpn",
+                        "name": architecture_name(config.get("backbone", "resnet50")),
                         "num_classes": index.num_classes,
                         "min_size": config["eval_min_size"],
                         "max_size": config["max_size"],

@@ -33,6 +33,7 @@ class DataConfig:
 @dataclasses.dataclass(frozen=True)
 class TrainModelConfig:
     weights: str = "backbone"  # DEFAULT | backbone | none | checkpoint URL
+    backbone: Literal["resnet50", "resnet34", "resnet18"] = "resnet50"
     min_size: tuple[int, ...] = (800,)  # several values: multi-scale training (one drawn per image)
     max_size: int = 1333
     eval_min_size: int | None = (

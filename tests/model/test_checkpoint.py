@@ -79,3 +79,31 @@ def test_random_init_is_reproducible():
     a = build_maskrcnn(num_classes=3, weights="none", min_size=128, max_size=192).state_dict()
     b = build_maskrcnn(num_classes=3, weights="none", min_size=128, max_size=192).state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_light_backbone_round_trips_through_checkpoint(tmp_path):
+    model = build_maskrcnn(num_classes=3, weights="none", min_size=96, max_size=128, backbone="resnet18")
+    path = tmp_path / "r18.pt"
+    save_checkpoint(
+        str(path),
+        model_state=model.state_dict(),
+        arch={"name": "maskrcnn_resnet18_fpn", "num_classes": 3, "min_size": 96, "max_size": 128},
+        class_names=CLASSES,
+    )
+    spec = resolve_spec(str(path))
+    assert spec.architecture == "maskrcnn_resnet18_fpn"
+    rebuilt = load_model(spec)
+    n = sum(p.numel() for p in rebuilt.parameters())
+    assert n < 0.8 * sum(p.numel() for p in build_maskrcnn(num_classes=3).parameters())
+    with torch.inference_mode():
+        out = rebuilt([torch.rand(3, 64, 80)])[0]
+    assert out["masks"].shape[-2:] == (64, 80)
+    bad = tmp_path / "bad.pt"
+    save_checkpoint(
+        str(bad),
+        model_state={},
+        arch={"name": "maskrcnn_vit_fpn", "num_classes": 3},
+        class_names=CLASSES,
+    )
+    with pytest.raises(CheckpointError, match="maskrcnn_vit_fpn"):
+        resolve_spec(str(bad))
