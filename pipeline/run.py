@@ -27,7 +27,7 @@ from pipeline.commit import Output, UnitCommitter, UnitStats
 from pipeline.config import ComputeConfig, ConfigError, SegmentConfig, redacted
 from pipeline.errors import JobError, describe_storage_error
 from pipeline.segmenter import Segmenter
-from pipeline.sources import WorkUnit, iter_inputs, load_plan, plan_units, read_unit
+from pipeline.sources import PLAN_INDEX, WorkUnit, iter_inputs, load_plan, plan_units, read_unit
 
 # --- resources -------------------------------------------------------------------------------------------------------
 
@@ -269,7 +269,7 @@ def _prepare_output(out: Output, cfg: SegmentConfig, spec: ModelSpec, fp: str, r
         previous = out.read_json(commit_mod.CONFIG_FILE)
         if previous and cfg.output.mode == "overwrite":
             out.clear()
-        elif previous and previous.get("fingerprint") != fp:
+        elif previous and previous.get("fingerprint") != fp and _holds_results(out):
             raise JobError(
                 f"{out.url} holds results of another input/model/threshold setting (fingerprint "
                 f"{previous.get('fingerprint')} != {fp}, model {previous.get('model_id')}); "
@@ -291,6 +291,12 @@ def _prepare_output(out: Output, cfg: SegmentConfig, spec: ModelSpec, fp: str, r
         raise
     except Exception as e:  # storage: missing bucket, access denied, endpoint down
         raise JobError(f"output: {describe_storage_error(cfg.output.url, e)}") from None
+
+
+def _holds_results(out: Output) -> bool:
+    """A plan or a committed unit: what a different setting must not mix with. A run that stopped before either
+    (no inputs found, a typo in --input) left only its config, which the next run may simply replace."""
+    return bool(out.committed_units()) or out.exists(f"{commit_mod.PLAN_DIR}/{PLAN_INDEX}")
 
 
 def _plan(cfg: SegmentConfig, out: Output, plan_url: str) -> list[WorkUnit]:

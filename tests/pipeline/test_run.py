@@ -99,12 +99,15 @@ def test_rerun_skips_committed_and_changed_settings_are_refused(ray_local, shape
     assert third.units_committed == 3 and third.detections <= first.detections
 
 
-def test_no_inputs_is_a_job_error(ray_local, tmp_path):
+def test_no_inputs_is_a_job_error_and_the_corrected_run_proceeds(ray_local, shapes_dir, tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(JobError, match="no inputs found"):
         run(str(tmp_path / "empty"), str(tmp_path / "out"))
     with pytest.raises(JobError, match="not found"):
-        run(str(tmp_path / "missing"), str(tmp_path / "out2"))
+        run(str(tmp_path / "missing"), str(tmp_path / "out"))
+    # Same output, corrected input: nothing was planned or committed there, so this is not "another setting".
+    summary, _ = run(str(shapes_dir / "val"), str(tmp_path / "out"))
+    assert summary.complete and summary.images == 12
 
 
 def test_resource_plan_never_reserves_every_cpu():
