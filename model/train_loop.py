@@ -23,7 +23,7 @@ import torch.distributed as dist
 from model import checkpoint as ckpt
 from model.build import architecture_name, build_maskrcnn, replace_heads
 from model.coco_eval import evaluate, predictions_to_coco, summary_line
-from model.data import CocoInstances, GroupedBatchSampler, aspect_ratio_group_ids, collate, load_coco
+from model.data import CocoInstances, GroupedBatchSampler, aspect_ratio_group_ids, collate
 
 CHECKPOINT_FILE = "model.pt"
 ERROR_FILE = "_error.txt"  # written by rank 0 when training stops on a non-finite loss
@@ -83,23 +83,17 @@ def train_per_worker(config: dict) -> None:
         torch.set_num_threads(config["threads"])
     torch.manual_seed(config["seed"] + rank)
 
-    index = load_coco(config["train_annotations"], storage_options=config["data_storage_options"])
-    train_ds = CocoInstances(
-        annotations_url=config["train_annotations"],
-        images_url=config["train_images"],
-        storage_options=config["data_storage_options"],
-        train=True,
-        flip_prob=config["flip_prob"],
-        index=index,
-    )
-    val_index = load_coco(config["val_annotations"], storage_options=config["data_storage_options"])
-    val_ds = CocoInstances(
-        annotations_url=config["val_annotations"],
-        images_url=config["val_images"],
-        storage_options=config["data_storage_options"],
-        train=False,
-        index=val_index,
-    )
+    def split(name: str, *, train: bool) -> CocoInstances:
+        return CocoInstances(
+            annotations_url=config[f"{name}_annotations"],
+            images_url=config[f"{name}_images"],
+            storage_options=config["data_storage_options"],
+            train=train,
+            flip_prob=config["flip_prob"],
+        )
+
+    train_ds, val_ds = split("train", train=True), split("val", train=False)
+    index, val_index = train_ds.index, val_ds.index
     if rank == 0 and any(train_ds.dropped.values()):
         print(f"train data: dropped {train_ds.dropped} annotations (crowd / boxes under 1 px)")
     model = build_for_training(config, index.num_classes)
