@@ -1,9 +1,11 @@
 """Ray Train loop (1 worker) vs a plain single-process PyTorch loop: same model, data, batch and threads, one run.
 
-    python bench/train.py [--train-images 48] [--batch-size 4] [--threads 2] [--min-size 192]
+    python bench/train.py [--train-images 48] [--batch-size 4] [--threads 2] [--min-size 192] [--model-from FILE]
 
-Both sides train `maskrcnn_resnet50_fpn` from the same random init on the same generated shapes images, one epoch,
-timing the epoch's wall clock (data loading included, evaluation excluded) over the same number of iterations.
+Both sides train the same model from the same random init on the same generated shapes images, one epoch, timing
+the epoch's wall clock (data loading included, evaluation excluded) over the same number of iterations. The model is
+`maskrcnn_resnet50_fpn` at torchvision's widths, or the `model:` section of a training config (`--model-from
+configs/train_cpu_small.yaml`: the CPU preset's ResNet-18 FPN with narrow heads).
 The last line is `ray_train_vs_plain=<Ray Train step time ÷ plain step time>` (target <= 1.10).
 """
 
@@ -59,6 +61,7 @@ def main() -> None:
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--min-size", type=int, default=192)
+    p.add_argument("--model-from", help="use the model section (architecture, RoIs) of this training config")
     args = p.parse_args()
 
     import ray
@@ -67,13 +70,22 @@ def main() -> None:
     from pipeline.train import loop_config, run_training
     from pipeline.train_config import train_config
 
+    model = {"weights": "none", "min_size": [args.min_size], "max_size": args.min_size * 2}
+    if args.model_from:
+        import yaml
+
+        with open(args.model_from) as f:
+            section = yaml.safe_load(f).get("model", {})
+        keep = ("backbone", "fpn_channels", "box_head_size", "rois_per_image", "positive_fraction")
+        model.update({k: v for k, v in section.items() if k in keep})
+
     work = tempfile.mkdtemp(prefix="bench-train-")
     make_shapes(work, train=args.train_images, val=4, seed=3, size=(192, 256))
     split = lambda s: {"annotations": f"{work}/annotations/instances_{s}.json", "images": f"{work}/{s}"}  # noqa: E731
     cfg = train_config(
         {
             "data": {"train": split("train"), "val": split("val"), "loader_workers": 0, "flip_prob": 0.0},
-            "model": {"weights": "none", "min_size": [args.min_size], "max_size": args.min_size * 2},
+            "model": model,
             "train": {
                 "epochs": 1,
                 "batch_size": args.batch_size,
@@ -88,7 +100,8 @@ def main() -> None:
     )
     print(
         f"data: {args.train_images} shapes images ~192x256, min_size {args.min_size}, batch {args.batch_size}, "
-        f"{args.threads} torch threads, maskrcnn_resnet50_fpn from scratch; machine: {os.cpu_count()} CPUs"
+        f"{args.threads} torch threads, from scratch: {cfg.model.backbone} FPN, fpn_channels {cfg.model.fpn_channels}, "
+        f"box_head_size {cfg.model.box_head_size}, {cfg.model.rois_per_image} RoIs/image; machine: {os.cpu_count()} CPUs"
     )
     plain_step, steps = plain_loop(loop_config(cfg), args.threads)
     print(f"plain loop: {plain_step:.3f} s/step over {steps} steps")

@@ -41,6 +41,10 @@ def backbone_of(architecture: str) -> str:
 
 
 BUILTIN_WEIGHTS = ("DEFAULT", "backbone", "none")
+# torchvision's widths: FPN/RPN/mask-head channels and the box head's MLP size. Narrower heads are what make CPU
+# training affordable: at 256 channels the four 3x3 mask-head convs alone cost ~0.9 GFLOP per positive RoI.
+FPN_CHANNELS = 256
+BOX_HEAD_SIZE = 1024
 # The seed that makes `weights="none"` reproducible across processes: every inference actor must hold the same model.
 RANDOM_INIT_SEED = 0
 
@@ -57,13 +61,17 @@ def build_maskrcnn(
     box_batch_size_per_image: int = 512,
     box_positive_fraction: float = 0.25,
     backbone: str = "resnet50",
+    fpn_channels: int = FPN_CHANNELS,
+    box_head_size: int = BOX_HEAD_SIZE,
 ) -> nn.Module:
     """Build `maskrcnn_<backbone>_fpn` (default torchvision's `maskrcnn_resnet50_fpn`) with the given initialisation (`"DEFAULT"`, `"backbone"` or `"none"`).
 
     `min_size` as a tuple means multi-scale training: torchvision's transform draws one short side per image in
     train mode (and uses the last one in eval mode). `box_batch_size_per_image`/`box_positive_fraction` are the
     paper's RoI sampling (512 per image, 25% positives). BatchNorm is frozen whenever pretrained weights are loaded
-    (`DEFAULT`, `backbone`), as torchvision does; from scratch it trains.
+    (`DEFAULT`, `backbone`), as torchvision does; from scratch it trains. `fpn_channels` sets the width of the FPN,
+    the RPN head and the mask head (torchvision: 256), `box_head_size` the box head's two-layer MLP (1024); other
+    values change the architecture (recorded in checkpoints), so `DEFAULT` weights need the torchvision widths.
     Checkpoint URLs are handled by `load_model`, which reads the architecture stored in the checkpoint first.
     """
     from torchvision.models import ResNet50_Weights
@@ -86,13 +94,19 @@ def build_maskrcnn(
         box_batch_size_per_image=box_batch_size_per_image,
         box_positive_fraction=box_positive_fraction,
     )
-    if backbone != "resnet50":
-        return _build_light(
+    if fpn_channels < 8 or box_head_size < 8:
+        raise ValueError(
+            f"need fpn_channels >= 8 and box_head_size >= 8, got {fpn_channels}, {box_head_size}"
+        )
+    if backbone != "resnet50" or (fpn_channels, box_head_size) != (FPN_CHANNELS, BOX_HEAD_SIZE):
+        return _build_custom(
             backbone,
             num_classes=num_classes,
             weights=weights,
             kwargs=kwargs,
             trainable_backbone_layers=trainable_backbone_layers,
+            fpn_channels=fpn_channels,
+            box_head_size=box_head_size,
         )
     if weights == "DEFAULT":
         if num_classes != 91:
@@ -114,28 +128,70 @@ def build_maskrcnn(
         return maskrcnn_resnet50_fpn(weights=None, weights_backbone=None, num_classes=num_classes, **kwargs)
 
 
-def _build_light(
-    backbone: str, *, num_classes: int, weights: str, kwargs: dict, trainable_backbone_layers: int | None
+def _build_custom(
+    backbone: str,
+    *,
+    num_classes: int,
+    weights: str,
+    kwargs: dict,
+    trainable_backbone_layers: int | None,
+    fpn_channels: int,
+    box_head_size: int,
 ) -> nn.Module:
-    """Mask R-CNN on a ResNet-18/34 FPN: torchvision's heads, a backbone several times cheaper."""
+    """Mask R-CNN on a ResNet FPN with torchvision's head designs at chosen widths (same I/O, same state-dict keys
+    as `maskrcnn_resnet50_fpn` when the widths are torchvision's)."""
     from torchvision import models
     from torchvision.models.detection import MaskRCNN
-    from torchvision.models.detection.backbone_utils import _resnet_fpn_extractor
+    from torchvision.models.detection.backbone_utils import BackboneWithFPN
+    from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead
+    from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredictor
     from torchvision.ops import misc as misc_nn_ops
+    from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 
     if weights == "DEFAULT":
         raise ValueError(
-            f"weights='DEFAULT' exists only for resnet50; use 'backbone' or 'none' with {backbone}"
+            "weights='DEFAULT' exists only for resnet50 at torchvision's widths "
+            f"(fpn_channels={FPN_CHANNELS}, box_head_size={BOX_HEAD_SIZE}); use 'backbone' or 'none'"
         )
     pretrained = weights == "backbone"
-    enum = {"resnet18": models.ResNet18_Weights, "resnet34": models.ResNet34_Weights}[backbone]
+    enum = {
+        "resnet18": models.ResNet18_Weights,
+        "resnet34": models.ResNet34_Weights,
+        "resnet50": models.ResNet50_Weights,
+    }[backbone]
     # As torchvision does for R50: frozen BatchNorm under pretrained weights, trainable BatchNorm from scratch.
     norm = misc_nn_ops.FrozenBatchNorm2d if pretrained else nn.BatchNorm2d
     layers = trainable_backbone_layers if trainable_backbone_layers is not None else (3 if pretrained else 5)
+    if not 0 <= layers <= 5:
+        raise ValueError(f"trainable_backbone_layers must be in [0, 5], got {layers}")
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(RANDOM_INIT_SEED)
         body = getattr(models, backbone)(weights=enum.IMAGENET1K_V1 if pretrained else None, norm_layer=norm)
-        return MaskRCNN(_resnet_fpn_extractor(body, layers), num_classes=num_classes, **kwargs)
+        # What torchvision's `_resnet_fpn_extractor` does, with the FPN width as a parameter.
+        trainable = ["layer4", "layer3", "layer2", "layer1", "conv1"][:layers] + (
+            ["bn1"] if layers == 5 else []
+        )
+        for name, param in body.named_parameters():
+            if not any(name.startswith(t) for t in trainable):
+                param.requires_grad_(False)
+        stage2 = body.inplanes // 8
+        fpn = BackboneWithFPN(
+            body,
+            {f"layer{k}": str(k - 1) for k in (1, 2, 3, 4)},
+            [stage2 * 2 ** (k - 1) for k in (1, 2, 3, 4)],
+            fpn_channels,
+            extra_blocks=LastLevelMaxPool(),
+        )
+        c = fpn_channels
+        return MaskRCNN(
+            fpn,
+            num_classes=None,  # given through the predictors below
+            box_head=TwoMLPHead(c * 7 * 7, box_head_size),  # 7x7 RoIAlign output, as torchvision
+            box_predictor=FastRCNNPredictor(box_head_size, num_classes),
+            mask_head=MaskRCNNHeads(c, (c, c, c, c), 1),
+            mask_predictor=MaskRCNNPredictor(c, c, num_classes),
+            **kwargs,
+        )
 
 
 def replace_heads(model: nn.Module, *, num_classes: int) -> nn.Module:
@@ -146,7 +202,8 @@ def replace_heads(model: nn.Module, *, num_classes: int) -> nn.Module:
 
     heads = model.roi_heads
     heads.box_predictor = FastRCNNPredictor(heads.box_predictor.cls_score.in_features, num_classes)
-    heads.mask_predictor = MaskRCNNPredictor(heads.mask_predictor.conv5_mask.in_channels, 256, num_classes)
+    conv5 = heads.mask_predictor.conv5_mask
+    heads.mask_predictor = MaskRCNNPredictor(conv5.in_channels, conv5.out_channels, num_classes)
     return model
 
 
@@ -160,6 +217,8 @@ class ModelSpec:
     min_size: int
     max_size: int
     architecture: str = "maskrcnn_resnet50_fpn"
+    fpn_channels: int = FPN_CHANNELS
+    box_head_size: int = BOX_HEAD_SIZE
 
 
 def resolve_spec(
@@ -200,6 +259,8 @@ def resolve_spec(
         min_size=min_size or int(arch.get("min_size", 800)),
         max_size=max_size or int(arch.get("max_size", 1333)),
         architecture=str(arch.get("name", "maskrcnn_resnet50_fpn")),
+        fpn_channels=int(arch.get("fpn_channels", FPN_CHANNELS)),
+        box_head_size=int(arch.get("box_head_size", BOX_HEAD_SIZE)),
     )
 
 
@@ -217,6 +278,8 @@ def load_model(
         max_size=spec.max_size,
         box_score_thresh=box_score_thresh,
         box_detections_per_img=box_detections_per_img,
+        fpn_channels=spec.fpn_channels,
+        box_head_size=spec.box_head_size,
     )
     if spec.weights in ("DEFAULT", "none"):
         return build_maskrcnn(num_classes=len(spec.class_names), weights=spec.weights, **common).eval()

@@ -108,27 +108,30 @@ def evaluate(
     unknown_types = [t for t in iou_types if t not in IOU_TYPES]
     if unknown_types:
         raise ValueError(f"iou_types must be among {IOU_TYPES}, got {unknown_types}")
-    sink = contextlib.nullcontext() if verbose else contextlib.redirect_stdout(io.StringIO())
-    with sink:
+    # pycocotools narrates every step ("creating index...", "DONE (t=0.01s)"); only its tables are worth printing.
+    quiet = contextlib.redirect_stdout(io.StringIO())
+    with quiet:
         coco_gt = _gt_coco(gt)
-        img_ids = sorted(coco_gt.getImgIds())
-        stray = sorted({p["image_id"] for p in predictions} - set(img_ids))
-        if stray:
-            raise ValueError(f"predictions for image ids not in the ground truth: {stray[:10]}")
-        stats = {}
-        for iou_type in iou_types:
+    img_ids = sorted(coco_gt.getImgIds())
+    stray = sorted({p["image_id"] for p in predictions} - set(img_ids))
+    if stray:
+        raise ValueError(f"predictions for image ids not in the ground truth: {stray[:10]}")
+    stats = {}
+    for iou_type in iou_types:
+        with quiet:
             if predictions:
                 coco_dt = coco_gt.loadRes(_results_for(iou_type, predictions))
             else:
                 coco_dt = _empty_results(coco_gt)
             evaluator = COCOeval(coco_gt, coco_dt, iouType=iou_type)
             evaluator.params.imgIds = img_ids
-            if verbose:
-                print(f"IoU metric: {iou_type}")
             evaluator.evaluate()
             evaluator.accumulate()
+        with contextlib.nullcontext() if verbose else contextlib.redirect_stdout(io.StringIO()):
+            if verbose:
+                print(f"IoU metric: {iou_type}")
             evaluator.summarize()
-            stats[iou_type] = [float(s) for s in evaluator.stats]
+        stats[iou_type] = [float(s) for s in evaluator.stats]
     return stats
 
 

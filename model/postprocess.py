@@ -3,6 +3,11 @@
 Coordinates: boxes in the model output are xyxy in input-image pixels (floats); stored boxes are COCO xywh.
 Masks: soft `[N, 1, H, W]` in 0–1, binarised with `>= MASK_THRESHOLD` (torchvision's documented rule), then
 encoded as COCO compressed RLE of the full image (`size` = [H, W], `counts` = ASCII string).
+
+Two routes to the same `Detections`, equal to the last bit:
+- `to_detections(model(images)[i])`: torchvision's full forward, whose masks are pasted into full-image canvases.
+- `detections_from_mask_probs(forward_to_mask_probs(model, images)[i])`: the forward pass stops before that paste;
+  each kept 28x28 mask is pasted, thresholded and RLE-encoded within its box only. What the segment job runs.
 """
 
 from __future__ import annotations
@@ -11,6 +16,7 @@ import dataclasses
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from pycocotools import mask as mask_utils
 
 MASK_THRESHOLD = 0.5
@@ -71,4 +77,160 @@ def to_detections(output: dict[str, torch.Tensor], *, score_threshold: float) ->
         scores=scores.astype(np.float32),
         rles=encode_binary_masks(binary),
         areas=areas,
+    )
+
+
+# --- the fast path: masks pasted, thresholded and encoded within their boxes ------------------------------------------
+#
+# torchvision's eval forward ends in `GeneralizedRCNNTransform.postprocess`, which pastes every 28x28 mask into a
+# full-image float canvas (`paste_masks_in_image`): N x H x W floats per image, thresholded and encoded afterwards.
+# The functions below stop the forward pass before that paste and do the same arithmetic on the box only, so the
+# cost follows the boxes' area instead of image area x detections. Every step reuses torchvision's own functions
+# or repeats its code line for line, so the result is bit-identical to thresholding its pasted masks.
+
+
+def forward_to_mask_probs(
+    model: torch.nn.Module, images: list[torch.Tensor]
+) -> list[dict[str, torch.Tensor]]:
+    """torchvision Mask R-CNN's eval forward pass without the full-image mask paste.
+
+    `images`: float `[3, H, W]` in 0–1 (the model's input contract). Returns one dict per image: `boxes [N, 4]` xyxy
+    in input-image pixels (rescaled exactly as `transform.postprocess` does), `labels [N]`, `scores [N]`
+    (descending), `masks [N, 1, M, M]` the mask head's probabilities for the predicted class (M = 28), not pasted.
+    The caller picks the grad mode (`torch.inference_mode()`).
+    """
+    from collections import OrderedDict
+
+    from torchvision.models.detection.transform import resize_boxes
+
+    if model.training:
+        raise ValueError("forward_to_mask_probs needs the model in eval mode (model.eval())")
+    original_sizes = [(int(img.shape[-2]), int(img.shape[-1])) for img in images]
+    image_list, _ = model.transform(images)
+    features = model.backbone(image_list.tensors)
+    # As GeneralizedRCNN.forward: a backbone returning one feature map gets the key "0".
+    if isinstance(features, torch.Tensor):
+        features = OrderedDict([("0", features)])
+    proposals, _ = model.rpn(image_list, features)
+    detections, _ = model.roi_heads(features, proposals, image_list.image_sizes)
+    for det, resized, original in zip(detections, image_list.image_sizes, original_sizes):
+        det["boxes"] = resize_boxes(det["boxes"], resized, original)
+    return detections
+
+
+def paste_boxes(boxes: torch.Tensor, mask_size: int, padding: int = 1) -> torch.Tensor:
+    """Float xyxy boxes `[N, 4]` → the int64 boxes torchvision pastes `mask_size` masks into (padded by `padding`).
+
+    Same calls as `paste_masks_in_image`: the box grows by the padded mask's scale, then truncates toward zero.
+    """
+    from torchvision.models.detection.roi_heads import expand_boxes
+
+    scale = float(mask_size + 2 * padding) / mask_size  # expand_masks' scale
+    return expand_boxes(boxes, scale).to(dtype=torch.int64)
+
+
+def threshold_masks_in_boxes(
+    masks: torch.Tensor, boxes: torch.Tensor, image_size: tuple[int, int]
+) -> list[tuple[np.ndarray, int, int]]:
+    """Soft masks `[N, 1, M, M]` and float xyxy boxes `[N, 4]` (image pixels) → per mask `(crop, x0, y0)`.
+
+    `crop` is a bool array `[y1 - y0, x1 - x0]`: the binarised (`>= MASK_THRESHOLD`) pasted mask inside the part of
+    its expanded box that lies in the `image_size = (H, W)` image, whose top-left pixel is `(x0, y0)`; every pixel
+    outside the crop is 0. Equal, pixel for pixel, to `paste_masks_in_image(masks, boxes, image_size) >= 0.5`.
+    """
+    from torchvision.models.detection.roi_heads import expand_masks
+
+    im_h, im_w = image_size
+    if len(masks) == 0:
+        return []
+    padded, _ = expand_masks(masks, padding=1)
+    int_boxes = paste_boxes(boxes, masks.shape[-1]).tolist()  # one device→host copy, not one per box
+    crops: list[torch.Tensor] = []
+    places: list[tuple[int, int, int, int]] = []
+    for mask, (bx0, by0, bx1, by1) in zip(padded, int_boxes):
+        # paste_mask_in_image, line for line, with the canvas left out.
+        w = max(int(bx1 - bx0 + 1), 1)
+        h = max(int(by1 - by0 + 1), 1)
+        resized = F.interpolate(
+            mask.expand((1, 1, -1, -1)), size=(h, w), mode="bilinear", align_corners=False
+        )
+        x0, x1 = max(bx0, 0), min(bx1 + 1, im_w)
+        y0, y1 = max(by0, 0), min(by1 + 1, im_h)
+        # A box that misses the image pastes nothing (torchvision's slice assignment is empty then).
+        x1, y1 = max(x1, x0), max(y1, y0)
+        crops.append(resized[0, 0, y0 - by0 : y1 - by0, x0 - bx0 : x1 - bx0] >= MASK_THRESHOLD)
+        places.append((x0, y0, y1 - y0, x1 - x0))
+    # One transfer for all crops: on a GPU a copy per mask would synchronise once per detection.
+    flat = torch.cat([c.reshape(-1) for c in crops]).cpu().numpy()
+    out = []
+    offset = 0
+    for x0, y0, ch, cw in places:
+        out.append((flat[offset : offset + ch * cw].reshape(ch, cw), x0, y0))
+        offset += ch * cw
+    return out
+
+
+def rle_from_crop(crop: np.ndarray, x0: int, y0: int, image_size: tuple[int, int]) -> dict:
+    """COCO compressed RLE (`counts` as str) of the `image_size = (H, W)` mask that is `crop` (bool `[h, w]`) at
+    top-left `(x0, y0)` and 0 elsewhere — the same string `mask_utils.encode` gives for the full mask.
+
+    Built from the crop alone: COCO RLE runs over the image column by column (Fortran order), and outside the crop
+    every column is zeros, so each crop column is preceded by `y0` zeros and followed by `H - y0 - h` zeros, the
+    first crop column by `x0 * H` zeros and the last by `(W - x0 - w) * H`. Those zero stretches become single
+    weighted elements, and run lengths are sums of weights between value changes.
+    """
+    im_h, im_w = image_size
+    h, w = crop.shape
+    if h == 0 or w == 0 or not crop.any():
+        return {"size": [im_h, im_w], "counts": _compress([im_h * im_w], im_h, im_w)}
+    top, bottom = y0, im_h - y0 - h
+    pad_top, pad_bottom = int(top > 0), int(bottom > 0)
+    columns = np.zeros((pad_top + h + pad_bottom, w), np.uint8)
+    columns[pad_top : pad_top + h] = crop
+    row_weights = np.ones(len(columns), np.int64)
+    row_weights[0] = top if pad_top else 1
+    row_weights[-1] = bottom if pad_bottom else 1
+    values = columns.ravel(order="F")
+    weights = np.tile(row_weights, w)
+    left, right = x0 * im_h, (im_w - x0 - w) * im_h
+    if left:
+        values, weights = np.concatenate([[0], values]), np.concatenate([[left], weights])
+    if right:
+        values, weights = np.concatenate([values, [0]]), np.concatenate([weights, [right]])
+    # Runs: boundaries where the value changes; lengths: weight sums between them. COCO RLE starts with a run of 0s.
+    starts = np.concatenate([[0], np.flatnonzero(values[1:] != values[:-1]) + 1])
+    ends = np.concatenate([starts[1:], [len(values)]])
+    cumulative = np.concatenate([[0], np.cumsum(weights)])
+    runs = cumulative[ends] - cumulative[starts]
+    if values[0]:
+        runs = np.concatenate([[0], runs])
+    return {"size": [im_h, im_w], "counts": _compress(runs, im_h, im_w)}
+
+
+def _compress(runs, im_h: int, im_w: int) -> str:
+    # pycocotools turns uncompressed counts into its compressed string (its C code, as `encode` uses).
+    rle = mask_utils.frPyObjects(
+        {"size": [im_h, im_w], "counts": np.asarray(runs, dtype=np.uint64)}, im_h, im_w
+    )
+    return rle["counts"].decode("ascii")
+
+
+def detections_from_mask_probs(
+    output: dict[str, torch.Tensor], *, image_size: tuple[int, int], score_threshold: float
+) -> Detections:
+    """One image's `forward_to_mask_probs` output → `Detections`, keeping scores `>= score_threshold`.
+
+    Same result as `to_detections` on the model's full output (boxes, labels, scores, RLE strings, areas), at the
+    cost of the boxes' area: masks are pasted, thresholded and encoded within their boxes only.
+    """
+    keep = output["scores"] >= score_threshold
+    scores = output["scores"][keep]
+    boxes = output["boxes"][keep]
+    crops = threshold_masks_in_boxes(output["masks"][keep], boxes, image_size)
+    return Detections(
+        boxes_xywh=xyxy_to_xywh(boxes.float().cpu().numpy()),
+        labels=output["labels"][keep].cpu().numpy().astype(np.int64),
+        scores=scores.float().cpu().numpy().astype(np.float32),
+        rles=[rle_from_crop(crop, x0, y0, image_size) for crop, x0, y0 in crops],
+        areas=np.array([int(crop.sum()) for crop, _, _ in crops], dtype=np.int64),
     )

@@ -21,7 +21,7 @@ import torch
 import torch.distributed as dist
 
 from model import checkpoint as ckpt
-from model.build import architecture_name, build_maskrcnn, replace_heads
+from model.build import BOX_HEAD_SIZE, FPN_CHANNELS, architecture_name, build_maskrcnn, replace_heads
 from model.coco_eval import evaluate, predictions_to_coco, summary_line
 from model.data import CocoInstances, GroupedBatchSampler, aspect_ratio_group_ids, collate
 
@@ -53,6 +53,8 @@ def build_for_training(config: dict, num_classes: int) -> torch.nn.Module:
         trainable_backbone_layers=config["trainable_backbone_layers"],
         box_batch_size_per_image=config["rois_per_image"],
         box_positive_fraction=config["positive_fraction"],
+        fpn_channels=config.get("fpn_channels", FPN_CHANNELS),
+        box_head_size=config.get("box_head_size", BOX_HEAD_SIZE),
     )
     if weights == "DEFAULT":  # COCO weights, new heads for this dataset's classes
         return replace_heads(
@@ -152,11 +154,12 @@ def train_per_worker(config: dict) -> None:
             with torch.autocast(device.type, enabled=amp):
                 losses = model(images, targets)
             loss = sum(losses.values())
-            finite = torch.tensor([1.0 if torch.isfinite(loss).item() else 0.0], device=device)
+            value = float(loss.detach())  # float() of a tensor that requires grad warns on every call
+            finite = torch.tensor([1.0 if math.isfinite(value) else 0.0], device=device)
             if _is_dist():
                 dist.all_reduce(finite, op=dist.ReduceOp.MIN)  # every worker stops together, no DDP hang
             if finite.item() < 1:
-                values = {k: round(float(v), 4) for k, v in losses.items()}
+                values = {k: round(float(v.detach()), 4) for k, v in losses.items()}
                 message = (
                     f"non-finite loss at epoch {epoch} iteration {it} (step {scheduler.last_epoch}); "
                     f"losses on rank {rank}: {values}; lower train.lr or raise train.warmup_iters"
@@ -174,13 +177,13 @@ def train_per_worker(config: dict) -> None:
             scaler.update()
             scheduler.step()
             seen += len(images) * world
-            loss_sum += float(loss)
+            loss_sum += value
             n_iter += 1
             if rank == 0 and (it + 1) % config["log_interval"] == 0:
                 rate = seen / (time.perf_counter() - t0)
-                parts = " ".join(f"{k}={float(v):.3f}" for k, v in losses.items())
+                parts = " ".join(f"{k}={float(v.detach()):.3f}" for k, v in losses.items())
                 print(
-                    f"epoch {epoch} iter {it + 1}/{iters} loss={float(loss):.3f} {parts} "
+                    f"epoch {epoch} iter {it + 1}/{iters} loss={value:.3f} {parts} "
                     f"lr={optimizer.param_groups[0]['lr']:.5f} {rate:.2f} images/s"
                 )
         metrics = {
@@ -204,6 +207,8 @@ def train_per_worker(config: dict) -> None:
                         "num_classes": index.num_classes,
                         "min_size": config["eval_min_size"],
                         "max_size": config["max_size"],
+                        "fpn_channels": config.get("fpn_channels", FPN_CHANNELS),
+                        "box_head_size": config.get("box_head_size", BOX_HEAD_SIZE),
                     },
                     class_names=list(index.class_names),
                     optimizer=optimizer.state_dict(),

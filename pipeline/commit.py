@@ -29,6 +29,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from pipeline import retry
+from pipeline.errors import JobError, describe_storage_error
 from pipeline.schema import STATUS_OK, split_results
 
 IMAGES_DIR = "images"
@@ -70,23 +72,26 @@ class Output:
                 os.fsync(f.fileno())
             os.replace(tmp, target)
         else:
-            self.fs.pipe_file(target, data)
+            try:
+                self._io(rel, self.fs.pipe_file, target, data)
+            except FileNotFoundError as e:  # a write that finds no bucket is a failure like any other
+                raise JobError(f"output: {describe_storage_error(self.url_of(rel), e)}") from None
 
     def write_json(self, rel: str, obj: dict) -> None:
         self.write_bytes(rel, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode("utf-8"))
 
     def read_json(self, rel: str) -> dict | None:
         try:
-            return json.loads(self.fs.cat_file(self.path(rel)))
+            return json.loads(self._io(rel, self.fs.cat_file, self.path(rel)))
         except FileNotFoundError:
             return None
 
     def exists(self, rel: str) -> bool:
-        return self.fs.exists(self.path(rel))
+        return self._io(rel, self.fs.exists, self.path(rel))
 
     def committed_units(self) -> set[str]:
         try:
-            names = self.fs.ls(self.path(COMMITTED_DIR), detail=False)
+            names = self._io(COMMITTED_DIR, self.fs.ls, self.path(COMMITTED_DIR), detail=False)
         except FileNotFoundError:
             return set()
         return {posixpath.basename(n)[: -len(".json")] for n in names if n.endswith(".json")}
@@ -95,12 +100,27 @@ class Output:
         """Remove what a previous run wrote here (only the names this job owns)."""
         for name in OWNED:
             p = self.path(name)
-            if self.fs.exists(p):
-                self.fs.rm(p, recursive=True)
+            if self.exists(name):
+                self._io(name, self.fs.rm, p, recursive=True)
         self.fs.invalidate_cache()
 
     def ensure_writable(self) -> None:
-        self.fs.makedirs(self.root, exist_ok=True)
+        """Local: create the folder. Object stores have no folders, and a bucket that does not exist is an error to
+        report, not one to create (fsspec's makedirs would create it: a typo in --output would become a new bucket);
+        the first write then fails with "bucket does not exist"."""
+        if self.local:
+            self.fs.makedirs(self.root, exist_ok=True)
+
+    def _io(self, rel: str, fn, *args, **kwargs):
+        """`fn(*args, **kwargs)` on the store, retried on transient errors (`pipeline.retry`). A permanent failure is
+        a `JobError` naming the URL and the cause; `FileNotFoundError` passes through (callers decide what absent
+        means)."""
+        try:
+            return retry.call(fn, *args, **kwargs)
+        except FileNotFoundError:
+            raise
+        except Exception as e:
+            raise JobError(f"output: {describe_storage_error(self.url_of(rel), e)}") from None
 
 
 def parquet_bytes(table: pa.Table) -> bytes:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pipeline.retry import is_transient
+
 
 class JobError(RuntimeError):
     """The job as a whole cannot run or complete (no inputs, storage unreachable, access denied, ...)."""
@@ -13,7 +15,7 @@ def describe_storage_error(url: str, exc: BaseException) -> str:
     text = " ".join(str(exc).split())  # botocore messages span lines
     if isinstance(exc, PermissionError) or "AccessDenied" in text or "Forbidden" in text:
         cause = "access denied"
-    elif "NoSuchBucket" in text:
+    elif "NoSuchBucket" in text or "bucket does not exist" in text:  # s3fs keeps NoSuchBucket's message only
         cause = "bucket does not exist"
     elif isinstance(exc, FileNotFoundError):
         cause = "not found"
@@ -21,6 +23,8 @@ def describe_storage_error(url: str, exc: BaseException) -> str:
         cause = "storage endpoint unreachable"
     elif "InvalidAccessKeyId" in text or "SignatureDoesNotMatch" in text or "NoCredentials" in name:
         cause = "credentials rejected or missing"
+    elif is_transient(exc):
+        cause = f"{name}, still failing after retries"
     else:
         cause = name
     detail = text[:300]

@@ -23,6 +23,7 @@ import pyarrow as pa
 from model.build import ModelSpec, resolve_spec
 from model.checkpoint import CheckpointError
 from pipeline import commit as commit_mod
+from pipeline import retry
 from pipeline.commit import Output, UnitCommitter, UnitStats
 from pipeline.config import ComputeConfig, ConfigError, SegmentConfig, redacted
 from pipeline.errors import JobError, describe_storage_error
@@ -116,6 +117,7 @@ class RunSummary:
     units_skipped: int = 0
     units_committed: int = 0
     units_incomplete: list[str] = dataclasses.field(default_factory=list)
+    images_skipped: int = 0  # inputs of the skipped units: done by an earlier run on this output
     images: int = 0
     ok: int = 0
     errors: int = 0
@@ -143,6 +145,8 @@ class RunSummary:
         if this_run:
             self.units_committed += 1
             self.images_this_run += stats.images
+        else:
+            self.images_skipped += stats.images
 
     def to_json(self) -> dict:
         d = dataclasses.asdict(self)
@@ -159,7 +163,8 @@ class RunSummary:
         out += [
             f"images: {self.images} ({self.ok} ok, {self.errors} error)   detections: {self.detections}",
             f"units: {self.units_total} planned, {self.units_committed} committed now, "
-            f"{self.units_skipped} already done (skipped), {len(self.units_incomplete)} incomplete",
+            f"{self.units_skipped} already done (skipped: {self.images_skipped} inputs), "
+            f"{len(self.units_incomplete)} incomplete",
             f"throughput: {self.images_this_run} images in {self.seconds:.1f} s = {self.images_per_s:.2f} images/s",
         ]
         if self.labels:
@@ -216,7 +221,8 @@ def segment(cfg: SegmentConfig, *, log: Callable[[str], None] = print) -> RunSum
         summary.add(stats, this_run=False)
     if summary.units_skipped:
         log(
-            f"resuming: {summary.units_skipped} of {len(units)} units already committed, {len(pending)} to do"
+            f"resuming: {summary.units_skipped} of {len(units)} units already committed "
+            f"({summary.images_skipped} inputs skipped), {len(pending)} to do"
         )
     if pending:
         gpus, node_cpus = cluster_resources()
@@ -333,7 +339,10 @@ def _read_committed_stats(out: Output, unit_ids: list[str]) -> list[UnitStats]:
     if not unit_ids:
         return []
     paths = [out.path(commit_mod.COMMITTED_DIR, f"{u}.json") for u in unit_ids]
-    blobs = out.fs.cat(paths) if len(paths) > 1 else {paths[0]: out.fs.cat_file(paths[0])}
+    # Retried like every other storage call of the job: a throttling spell while resuming must not end the run.
+    blobs = (
+        retry.call(out.fs.cat, paths) if len(paths) > 1 else {paths[0]: retry.call(out.fs.cat_file, paths[0])}
+    )
     return [UnitStats(**json.loads(b)) for b in blobs.values()]
 
 
@@ -403,6 +412,10 @@ def _execute(
                     f"{summary.images} images ({summary.errors} error), {summary.detections} detections, "
                     f"{rate:.2f} images/s"
                 )
+    except JobError:
+        # The driver's own commit failed (storage): its message already names the URL and the cause.
+        summary.units_incomplete = sorted(set(committer.pending_units) | _unfinished(pending, out))
+        raise
     except Exception as e:
         summary.units_incomplete = sorted(set(committer.pending_units) | _unfinished(pending, out))
         raise JobError(f"inference pipeline failed: {_root_cause(e)}") from None

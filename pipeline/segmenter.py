@@ -19,7 +19,7 @@ import torch
 
 from model.build import ModelSpec, load_model
 from model.decode import DecodeError, decode_image
-from model.postprocess import Detections, to_detections
+from model.postprocess import Detections, detections_from_mask_probs, forward_to_mask_probs
 from pipeline.schema import RESULT_SCHEMA, STATUS_ERROR, STATUS_OK
 
 ERROR_POLICIES = ("record", "raise")
@@ -89,6 +89,10 @@ class Segmenter:
             finally:
                 row["decode_ms"] = (time.perf_counter() - t0) * 1e3
             row["height"], row["width"] = int(image.shape[0]), int(image.shape[1])
+            problem = too_thin(row["height"], row["width"], self.spec.min_size, self.spec.max_size)
+            if problem:
+                self._fail(row, problem)
+                continue
             decoded.append((i, image))
         for start in range(0, len(decoded), self.batch_size):
             chunk = decoded[start : start + self.batch_size]
@@ -109,11 +113,23 @@ class Segmenter:
     # -- compute path ------------------------------------------------------------------------------------------------
 
     def predict(self, images: Sequence[np.ndarray]) -> list[Detections]:
-        """RGB uint8 `[H, W, 3]` images → `Detections` per image (one forward pass for the whole list)."""
+        """RGB uint8 `[H, W, 3]` images → `Detections` per image (one forward pass for the whole list).
+
+        The model runs up to its RoI heads; each kept mask is then pasted, thresholded and RLE-encoded within its
+        box (`model.postprocess`), never on a full-image canvas per detection as torchvision's own forward does.
+        Same detections, same RLE strings; one code path on CPU and GPU.
+        """
         tensors = [to_tensor(img, self.device) for img in images]
         with torch.inference_mode():
-            outputs = self.model(tensors)
-        return [to_detections(o, score_threshold=self.score_threshold) for o in outputs]
+            outputs = forward_to_mask_probs(self.model, tensors)
+            return [
+                detections_from_mask_probs(
+                    out,
+                    image_size=(int(img.shape[0]), int(img.shape[1])),
+                    score_threshold=self.score_threshold,
+                )
+                for out, img in zip(outputs, images)
+            ]
 
     def _infer(self, images: list[np.ndarray], uris: list[str]) -> list[Detections | Exception]:
         try:
@@ -172,6 +188,22 @@ class Segmenter:
             }
             for k in range(len(det))
         ]
+
+
+def too_thin(height: int, width: int, min_size: int, max_size: int) -> str | None:
+    """The reason an image cannot be segmented at these sizes, or None.
+
+    torchvision scales an image by `min(min_size / short side, max_size / long side)`; an extreme strip (e.g. 1×500
+    under `max_size` 192) would shrink to under one pixel and fail inside the model with an opaque error.
+    """
+    short, long = min(height, width), max(height, width)
+    scale = min(min_size / short, max_size / long)
+    if int(short * scale) < 1:
+        return (
+            f"image too thin to segment: {width}x{height} would be resized to under 1 pixel "
+            f"(short side scaled by {scale:.3g} to fit model max_size={max_size})"
+        )
+    return None
 
 
 def to_tensor(image: np.ndarray, device: torch.device) -> torch.Tensor:

@@ -21,11 +21,15 @@ import json
 import os
 import posixpath
 import tarfile
+import time
+import uuid
 from collections.abc import Iterator
 
 import fsspec
 import pyarrow as pa
+import pyarrow.compute as pc
 
+from pipeline import retry
 from pipeline.errors import JobError, describe_storage_error
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp"})
@@ -99,11 +103,28 @@ def iter_inputs(url: str, *, storage_options: dict | None = None) -> Iterator[In
 
 
 def _walk(fs, root: str, user_url: str) -> Iterator[InputRef]:
-    # walk() lists one folder at a time, so memory follows the widest folder, not the archive.
-    for dirpath, dirnames, filenames in fs.walk(root):
-        dirnames.sort()  # in place: fixes the traversal order of the walk itself
-        for name in sorted(filenames):
-            yield from _classify(fs, posixpath.join(dirpath, name), user_url, explicit=False)
+    """The inputs below `root`, one folder listed at a time (memory follows the widest folder, not the archive):
+    a folder's files in sorted order, then its subfolders, depth first, in sorted order.
+
+    Not fsspec's `walk`: it skips a folder whose listing fails without a word (and its `on_error="raise"` does not
+    reach subfolders), so a 5xx on one listing would drop that folder's images from the job, which would still
+    call itself complete. Here a transient listing error is retried (`pipeline.retry`) and any other fails the job.
+    """
+    stack = [root]
+    while stack:
+        folder = stack.pop()
+        here = folder.rstrip("/")
+        files, folders = [], []
+        for info in retry.call(fs.ls, folder, detail=True):
+            name = info["name"].rstrip("/")
+            if info["type"] == "directory":
+                if name != here:  # some stores list the folder itself
+                    folders.append(name)
+            else:
+                files.append(name)
+        for path in sorted(files):
+            yield from _classify(fs, path, user_url, explicit=False)
+        stack.extend(sorted(folders, reverse=True))  # popped in sorted order
 
 
 def _classify(fs, path: str, user_url: str, *, explicit: bool) -> Iterator[InputRef]:
@@ -158,7 +179,7 @@ def plan_units(
 
     def flush_writes() -> None:
         if pending_writes:
-            fs.pipe(dict(pending_writes))  # s3fs sends these concurrently
+            retry.call(fs.pipe, dict(pending_writes))  # s3fs sends these concurrently
             pending_writes.clear()
 
     def close_batch() -> None:
@@ -185,17 +206,34 @@ def plan_units(
     close_batch()
     flush_writes()
     index = "".join(json.dumps(dataclasses.asdict(u)) + "\n" for u in units).encode("utf-8")
-    fs.pipe_file(posixpath.join(root, PLAN_INDEX), index)
+    _publish(fs, posixpath.join(root, PLAN_INDEX), index)
     return units
+
+
+def _publish(fs, path: str, data: bytes) -> None:
+    """Write `path` so that a reader sees all of `data` or no file. The plan index is what a re-run trusts: a driver
+    killed while writing it must not leave half an index (cut at a line end, the re-run would silently drop the
+    units after the cut and still call itself complete; cut mid-line, every re-run would fail). Object stores
+    publish an object only when its upload completes; local files go through a hidden temporary name and an atomic
+    rename."""
+    if not _is_local(fs):
+        retry.call(fs.pipe_file, path, data)
+        return
+    tmp = posixpath.join(posixpath.dirname(path), f".{posixpath.basename(path)}.{uuid.uuid4().hex}.tmp")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
 
 
 def load_plan(plan_url: str, *, storage_options: dict | None = None) -> list[WorkUnit] | None:
     """The units of a completed plan, or None when there is none (no index yet)."""
     fs, root = fsspec.core.url_to_fs(plan_url, **(storage_options or {}))
     index = posixpath.join(root, PLAN_INDEX)
-    if not fs.exists(index):
+    if not retry.call(fs.exists, index):
         return None
-    lines = fs.cat_file(index).decode("utf-8").splitlines()
+    lines = retry.call(fs.cat_file, index).decode("utf-8").splitlines()
     return [WorkUnit(**json.loads(line)) for line in lines if line.strip()]
 
 
@@ -233,7 +271,9 @@ def read_unit(
 def _read_files(unit: WorkUnit, input_options: dict, plan_options: dict) -> Iterator[pa.Table]:
     plan_fs, plan_path = fsspec.core.url_to_fs(unit.location, **plan_options)
     entries = [
-        line.split("\t", 1) for line in plan_fs.cat_file(plan_path).decode("utf-8").splitlines() if line
+        line.split("\t", 1)
+        for line in retry.call(plan_fs.cat_file, plan_path).decode("utf-8").splitlines()
+        if line
     ]
     total = len(entries)
     filesystems: dict[str, object] = {}
@@ -252,7 +292,21 @@ def _read_files(unit: WorkUnit, input_options: dict, plan_options: dict) -> Iter
 
 
 def _fetch(urls: list[str], options: dict, filesystems: dict) -> list[bytes | BaseException]:
-    """Bytes of each URL, or the exception that reading it raised (never raises itself)."""
+    """Bytes of each URL, or the exception that reading it raised (never raises itself). Reads that failed with a
+    transient error (throttling, 5xx, a dropped connection; see `pipeline.retry`) are tried again, backing off, so
+    that a storage hiccup does not become a permanent `read failed` row."""
+    out = _fetch_once(urls, options, filesystems)
+    for attempt in range(retry.ATTEMPTS):
+        again = [i for i, got in enumerate(out) if isinstance(got, BaseException) and retry.is_transient(got)]
+        if not again:
+            break
+        time.sleep(retry.delay(attempt))
+        for i, got in zip(again, _fetch_once([urls[i] for i in again], options, filesystems)):
+            out[i] = got
+    return out
+
+
+def _fetch_once(urls: list[str], options: dict, filesystems: dict) -> list[bytes | BaseException]:
     out: list[bytes | BaseException] = [b""] * len(urls)
     groups: dict[str, list[int]] = {}
     for i, url in enumerate(urls):
@@ -277,7 +331,28 @@ def _fetch(urls: list[str], options: dict, filesystems: dict) -> list[bytes | Ba
     return out
 
 
+class _TransientTarError(Exception):
+    """A shard read that failed on a transient storage error: `_read_tar` starts the shard again."""
+
+
 def _read_tar(unit: WorkUnit, opts: dict) -> Iterator[pa.Table]:
+    """The shard's rows; a transient storage error mid-shard (see `pipeline.retry`) re-reads it from the start,
+    skipping the rows already yielded (a tar's member order is fixed), instead of ending the shard with an error."""
+    done = 0  # rows yielded so far
+    for attempt in range(retry.ATTEMPTS + 1):
+        try:
+            for table in _read_tar_once(unit, opts, retry_transient=attempt < retry.ATTEMPTS):
+                if done:
+                    table = table.filter(pc.greater_equal(table.column("unit_index"), done))
+                if table.num_rows:
+                    done = table.column("unit_index")[-1].as_py() + 1
+                    yield table
+            return
+        except _TransientTarError:
+            time.sleep(retry.delay(attempt))
+
+
+def _read_tar_once(unit: WorkUnit, opts: dict, *, retry_transient: bool) -> Iterator[pa.Table]:
     rows: list[dict] = []
     held: dict | None = None  # the newest member is held back until we know whether it is the last
     index = 0
@@ -299,6 +374,8 @@ def _read_tar(unit: WorkUnit, opts: dict) -> Iterator[pa.Table]:
                     extracted = tf.extractfile(member)
                     row.update(data=extracted.read() if extracted else b"", read_error=None)
                 except (tarfile.TarError, OSError, EOFError) as e:
+                    if retry.is_transient(e):
+                        raise  # a storage hiccup, not a corrupt member: handled for the whole shard below
                     row.update(data=None, read_error=f"corrupt tar member: {type(e).__name__}: {e}")
                     error = f"corrupt tar shard after member {member.name!r}: {type(e).__name__}: {e}"
                 if held is not None:
@@ -312,7 +389,12 @@ def _read_tar(unit: WorkUnit, opts: dict) -> Iterator[pa.Table]:
                     break
             if error is None:
                 error = _end_of_archive_problem(tf)
-    except (tarfile.TarError, OSError, EOFError) as e:
+    except Exception as e:
+        transient = retry.is_transient(e)  # also aiohttp's ClientPayloadError (a body cut short), no OSError
+        if not transient and not isinstance(e, (tarfile.TarError, OSError, EOFError)):
+            raise
+        if transient and retry_transient:
+            raise _TransientTarError from e
         error = f"corrupt or unreadable tar shard: {describe_storage_error(unit.image_uri, e)}"
     if error or held is None:
         # The shard itself gets a row when it ends early or holds no image: it is an input we could not fully read.

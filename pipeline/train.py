@@ -63,6 +63,8 @@ def loop_config(cfg: TrainConfig) -> dict:
         "trainable_backbone_layers": m.trainable_backbone_layers,
         "rois_per_image": m.rois_per_image,
         "positive_fraction": m.positive_fraction,
+        "fpn_channels": m.fpn_channels,
+        "box_head_size": m.box_head_size,
         "epochs": t.epochs,
         "batch_size": t.batch_size,
         "lr": cfg.lr,

@@ -44,6 +44,8 @@ class TrainModelConfig:
     )
     rois_per_image: int = 512
     positive_fraction: float = 0.25
+    fpn_channels: int = 256  # FPN, RPN and mask-head width (torchvision's 256; DEFAULT weights need it)
+    box_head_size: int = 1024  # box head MLP width (torchvision's 1024)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -104,6 +106,9 @@ class TrainConfig:
 
 _RANGES = {
     "train.epochs": (1, 100_000),
+    "model.fpn_channels": (8, 4096),
+    "model.box_head_size": (8, 65_536),
+    "model.rois_per_image": (1, 100_000),
     "train.batch_size": (1, 1024),
     "train.lr": (0.0, 10.0),
     "train.warmup_factor": (0.0, 1.0),
@@ -132,6 +137,12 @@ def train_config(data: dict | None) -> TrainConfig:
     if any(not 0.0 < f < 1.0 for f in cfg.train.lr_steps):
         raise ConfigError(
             f"train.lr_steps: fractions of the schedule in (0, 1), got {list(cfg.train.lr_steps)}"
+        )
+    m = cfg.model
+    if m.weights == "DEFAULT" and (m.backbone, m.fpn_channels, m.box_head_size) != ("resnet50", 256, 1024):
+        raise ConfigError(
+            "model.weights: DEFAULT (COCO weights) exists only for backbone resnet50 with fpn_channels 256 and "
+            "box_head_size 1024; use 'backbone' or 'none' for other architectures"
         )
     if max(cfg.model.min_size) > cfg.model.max_size:
         raise ConfigError(f"model.max_size: must be >= every model.min_size, got {cfg.model.max_size}")

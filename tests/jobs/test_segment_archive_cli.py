@@ -1,6 +1,7 @@
 """The command-line contract, run as a user runs it: a subprocess, its exit status and what it prints."""
 
 import os
+import re
 import subprocess
 import sys
 
@@ -63,9 +64,41 @@ def test_no_inputs_and_unreachable_storage_exit_1_with_one_line(tmp_path):
     assert last.startswith("error: input: s3://bucket/archive: storage endpoint unreachable"), last
 
 
-def test_demo_runs_offline_and_says_random_weights(tmp_path):
-    r = job("--demo", cwd=tmp_path, timeout=600)
+def test_demo_trains_segments_evaluates_and_renders_offline(tmp_path):
+    """The README's first command, shrunk: every step of the demo runs for real (data, Ray Train, segment job with
+    the checkpoint, pycocotools AP, overlays); the AP line is the last line."""
+    r = job(
+        "--demo",
+        "--demo-images",
+        "12",
+        "4",
+        "--train-set",
+        "train.epochs=1",
+        "--train-set",
+        "model.min_size=[64]",
+        "--train-set",
+        "model.max_size=128",
+        "--train-set",
+        "train.batch_size=2",
+        "--train-set",
+        "model.fpn_channels=32",
+        "--train-set",
+        "model.box_head_size=64",
+        cwd=tmp_path,
+        timeout=600,
+    )
     assert r.returncode == 0, r.stderr[-3000:]
-    assert "RANDOM weights" in r.stdout and "images: 12 (12 ok, 0 error)" in r.stdout
+    lines = r.stdout.strip().splitlines()
+    assert re.fullmatch(r"bbox_AP=\d\.\d{3} segm_AP=\d\.\d{3}", lines[-1]), lines[-5:]
+    assert "IoU metric: segm" in r.stdout and "best checkpoint URL: " in r.stdout
     images = pads.dataset(str(tmp_path / "demo" / "results" / "images"), format="parquet").to_table()
-    assert images.num_rows == 12 and set(images.column("status").to_pylist()) == {"ok"}
+    assert images.num_rows == 4 and set(images.column("status").to_pylist()) == {"ok"}
+    assert set(images.column("model_id").to_pylist()) != {None} and images.column("model_id")[
+        0
+    ].as_py().startswith("checkpoint:")
+    pictures = sorted((tmp_path / "demo" / "renders").glob("*.png"))
+    assert 1 <= len(pictures) <= 4 and f"{len(pictures)} overlay pictures" in r.stdout
+    from PIL import Image
+
+    w, h = Image.open(pictures[0]).size
+    assert (h, w) in {(int(x["height"]), int(x["width"])) for x in images.to_pylist()}

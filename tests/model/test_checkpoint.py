@@ -107,3 +107,41 @@ def test_light_backbone_round_trips_through_checkpoint(tmp_path):
     )
     with pytest.raises(CheckpointError, match="maskrcnn_vit_fpn"):
         resolve_spec(str(bad))
+
+
+def test_narrow_heads_round_trip_through_checkpoint(tmp_path):
+    """Head widths are part of the architecture: recorded in the checkpoint and rebuilt from it, outputs identical."""
+    model = build_maskrcnn(
+        num_classes=3,
+        weights="none",
+        min_size=96,
+        max_size=128,
+        backbone="resnet18",
+        fpn_channels=32,
+        box_head_size=64,
+    ).eval()
+    assert model.backbone.out_channels == 32
+    assert model.roi_heads.box_head.fc7.out_features == 64
+    assert model.roi_heads.mask_predictor.conv5_mask.out_channels == 32
+    path = tmp_path / "narrow.pt"
+    arch = {"name": "maskrcnn_resnet18_fpn", "num_classes": 3, "min_size": 96, "max_size": 128}
+    save_checkpoint(
+        str(path),
+        model_state=model.state_dict(),
+        arch={**arch, "fpn_channels": 32, "box_head_size": 64},
+        class_names=CLASSES,
+    )
+    spec = resolve_spec(str(path))
+    assert (spec.fpn_channels, spec.box_head_size) == (32, 64)
+    rebuilt = load_model(spec, box_score_thresh=0.0)
+    model.roi_heads.score_thresh = 0.0
+    image = torch.rand(3, 64, 80)
+    with torch.inference_mode():
+        a, b = model([image])[0], rebuilt([image])[0]
+    assert torch.equal(a["boxes"], b["boxes"]) and torch.equal(a["masks"], b["masks"])
+    # Written without the widths (an older checkpoint): rebuilt at torchvision's, so loading fails loudly.
+    save_checkpoint(str(tmp_path / "old.pt"), model_state=model.state_dict(), arch=arch, class_names=CLASSES)
+    with pytest.raises(RuntimeError, match="size mismatch"):
+        load_model(resolve_spec(str(tmp_path / "old.pt")))
+    with pytest.raises(ValueError, match="DEFAULT"):
+        build_maskrcnn(weights="DEFAULT", fpn_channels=64)

@@ -114,3 +114,18 @@ def test_empty_batch_and_no_detections(shapes_dir):
     Image.fromarray(flat).save(buf, format="PNG")
     row = seg(read_rows([("flat.png", buf.getvalue(), None)])).to_pylist()[0]
     assert row["status"] == "ok" and row["num_detections"] == 0 and row["height"] == 64
+
+
+def test_extreme_strip_is_an_error_row_with_a_reason_and_the_batch_goes_on():
+    from pipeline.segmenter import too_thin
+    from tests.conftest import png_bytes
+
+    seg = make_segmenter()
+    strip = png_bytes(np.full((1, 500, 3), 128, dtype=np.uint8))  # 500 wide, 1 high
+    normal = png_bytes(np.full((48, 64, 3), 90, dtype=np.uint8))
+    out = seg(read_rows([("strip.png", strip, None), ("normal.png", normal, None)])).to_pylist()
+    assert out[0]["status"] == "error" and out[0]["error"].startswith("image too thin to segment: 500x1")
+    assert (out[0]["height"], out[0]["width"]) == (1, 500)
+    assert out[1]["status"] == "ok"
+    assert too_thin(1, 500, 800, 1333) is None  # at torchvision's sizes the same strip is fine (2 px high)
+    assert too_thin(1, 2000, 800, 1333) is not None

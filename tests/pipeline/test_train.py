@@ -95,6 +95,12 @@ def test_shipped_train_configs_validate():
         cfg = train_config(yaml.safe_load(open(os.path.join(root, name))))
         assert cfg.lr > 0 and cfg.run.name
 
+    from pipeline.train_config import TrainConfig
+    from tests.config_keys import dataclass_keys, yaml_keys
+
+    # configs/train.yaml documents every key (the README points there for the list).
+    assert dataclass_keys(TrainConfig) == yaml_keys(yaml.safe_load(open(os.path.join(root, "train.yaml"))))
+
 
 def test_non_finite_loss_stops_with_iteration_and_losses(ray_local, tmp_path):
     from pipeline.errors import JobError

@@ -1,0 +1,490 @@
+"""Storage faults on a real S3 API: moto's server behind a fault-injecting proxy.
+
+Transient faults (throttling, 5xx, connections dropped before the answer, bodies cut short) on input reads, listings
+and result writes are retried — per request by botocore and s3fs, then by `pipeline.retry` with backoff — and the job
+completes with exactly one ok row per input. Permanent ones (a bucket that does not exist, access denied by a bucket
+policy, an endpoint where nothing listens) end the CLI with exit status 1 and ONE line `error: ... <url>: <cause>`,
+and nothing claims completion: no `_SUCCESS.json`, and every `_committed/` record's files are whole.
+
+The proxy (`FaultyS3`) forwards each request to moto unless a rule (`Fault`) picks it. A rule picks a share of the
+distinct requests it matches (method + path + query), by a seeded hash of the request, so which requests fail does not
+depend on thread timing or on how Ray schedules its tasks; a picked request fails its first `times` attempts, then
+goes through. Kinds of failure: `slowdown` (503 with S3's SlowDown body), `internal` (500 InternalError), `drop` (the
+connection closed after the request is read, no answer), `cut` (the headers promise the whole body, half is sent).
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import hashlib
+import http.client
+import http.server
+import io
+import json
+import os
+import re
+import socket
+import subprocess
+import sys
+import tarfile
+import tempfile
+import threading
+import time
+import urllib.parse
+from pathlib import Path
+
+import pyarrow.dataset as pads
+import pytest
+
+from pipeline import retry
+from pipeline.config import segment_config
+from pipeline.errors import JobError
+from pipeline.run import segment
+from pipeline.sources import WorkUnit, read_unit
+from tests.conftest import TINY_MODEL, free_port, jpeg_bytes
+
+ROOT = Path(__file__).resolve().parents[2]
+SCRIPT = ROOT / "jobs" / "segment_archive.py"
+
+# --- the fault-injecting proxy ---------------------------------------------------------------------------------------
+
+KINDS = ("slowdown", "internal", "drop", "cut")
+_ERROR_BODY = (
+    '<?xml version="1.0" encoding="UTF-8"?>\n<Error><Code>{code}</Code><Message>{message}</Message>'
+    "<RequestId>fault-injected</RequestId></Error>"
+)
+_STATUS = {
+    "slowdown": (503, "SlowDown", "Please reduce your request rate."),
+    "internal": (500, "InternalError", "We encountered an internal error. Please try again."),
+}
+_HOP_BY_HOP = {
+    "connection",
+    "keep-alive",
+    "transfer-encoding",
+    "te",
+    "trailer",
+    "upgrade",
+    "proxy-connection",
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class Fault:
+    method: str  # "GET", "PUT", "HEAD", ... or "*"
+    path: str  # regex searched in the request's path + query (a LIST is `GET /bucket?list-type=2&prefix=...`)
+    share: float = 1.0  # fraction of the distinct matching requests that fail
+    times: int = 1  # attempts of a picked request that fail before it goes through
+    kinds: tuple[str, ...] = KINDS
+
+
+class FaultyS3:
+    """A threaded HTTP proxy on 127.0.0.1 in front of `upstream` (moto), failing the requests that `faults` pick."""
+
+    def __init__(self, upstream: str, faults: list[Fault], *, seed: int = 0):
+        parsed = urllib.parse.urlsplit(upstream)
+        self.upstream = (parsed.hostname, parsed.port)
+        self.faults, self.seed = list(faults), seed
+        self.requests = 0  # attempts seen, all methods
+        self.injected: collections.Counter = collections.Counter()  # rule index -> faults injected
+        self.kinds: collections.Counter = collections.Counter()  # kind -> faults injected
+        self._attempts: collections.Counter = collections.Counter()  # request key -> attempts seen
+        self._lock = threading.Lock()
+        self._server = _QuietServer(("127.0.0.1", 0), self._handler_class())
+        self.endpoint = f"http://127.0.0.1:{self._server.server_address[1]}"
+
+    def __enter__(self) -> FaultyS3:
+        threading.Thread(target=self._server.serve_forever, daemon=True).start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+
+    @property
+    def total_injected(self) -> int:
+        return sum(self.injected.values())
+
+    def decide(self, method: str, target: str) -> str | None:
+        """The kind of failure for this attempt of this request, or None to forward it."""
+        key = f"{method} {target}"
+        with self._lock:
+            self.requests += 1
+            attempt = self._attempts[key]
+            self._attempts[key] += 1
+            for i, rule in enumerate(self.faults):
+                if rule.method not in ("*", method) or not re.search(rule.path, target):
+                    continue
+                digest = hashlib.sha256(f"{self.seed}|{i}|{key}".encode()).digest()
+                if int.from_bytes(digest[:8], "big") / 2**64 >= rule.share or attempt >= rule.times:
+                    continue
+                kinds = [k for k in rule.kinds if k != "cut" or method == "GET"] or ["internal"]
+                kind = kinds[(digest[8] + attempt) % len(kinds)]
+                self.injected[i] += 1
+                self.kinds[kind] += 1
+                return kind
+        return None
+
+    def _handler_class(self):
+        proxy = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"  # keep-alive, as S3 clients expect
+
+            def log_message(self, *args) -> None:
+                pass
+
+            def _body(self) -> bytes:
+                if self.headers.get("Transfer-Encoding", "").lower() == "chunked":
+                    parts = []
+                    while size := int(self.rfile.readline().split(b";")[0].strip(), 16):
+                        parts.append(self.rfile.read(size))
+                        self.rfile.readline()
+                    while self.rfile.readline() not in (b"\r\n", b"\n", b""):
+                        pass  # trailers
+                    return b"".join(parts)
+                return self.rfile.read(int(self.headers.get("Content-Length") or 0))
+
+            def _hang_up(self) -> None:
+                self.close_connection = True
+                self.connection.shutdown(socket.SHUT_RDWR)
+
+            def _handle(self) -> None:
+                body = self._body()
+                kind = proxy.decide(self.command, self.path)
+                if kind == "drop":
+                    return self._hang_up()
+                if kind in _STATUS:
+                    status, code, message = _STATUS[kind]
+                    data = (
+                        b""
+                        if self.command == "HEAD"
+                        else _ERROR_BODY.format(code=code, message=message).encode()
+                    )
+                    self.send_response(status)
+                    self.send_header("Content-Type", "application/xml")
+                    self.send_header("Content-Length", str(len(data)))
+                    self.end_headers()
+                    self.wfile.write(data)
+                    return
+                headers = {k: v for k, v in self.headers.items() if k.lower() not in _HOP_BY_HOP}
+                headers.pop("Content-Length", None)  # http.client sets it from the body
+                upstream = http.client.HTTPConnection(*proxy.upstream, timeout=60)
+                try:
+                    upstream.request(self.command, self.path, body=body, headers=headers)
+                    resp = upstream.getresponse()
+                    data = resp.read()
+                finally:
+                    upstream.close()
+                self.send_response(resp.status, resp.reason)
+                for k, v in resp.getheaders():
+                    if k.lower() not in _HOP_BY_HOP and k.lower() != "content-length":
+                        self.send_header(k, v)
+                length = resp.getheader("Content-Length") if self.command == "HEAD" else str(len(data))
+                self.send_header("Content-Length", length or "0")
+                self.end_headers()
+                if kind == "cut" and len(data) > 1:
+                    self.wfile.write(data[: len(data) // 2])
+                    self.wfile.flush()
+                    return self._hang_up()
+                self.wfile.write(data)
+
+            do_GET = do_PUT = do_POST = do_DELETE = do_HEAD = _handle
+
+        return Handler
+
+
+class _QuietServer(http.server.ThreadingHTTPServer):
+    daemon_threads = True
+
+    def handle_error(self, request, client_address) -> None:
+        pass  # a hung-up connection is the point, not news
+
+
+# --- what is transient -----------------------------------------------------------------------------------------------
+
+
+def client_error(status: int, code: str):
+    from botocore.exceptions import ClientError
+
+    return ClientError(
+        {"Error": {"Code": code, "Message": code}, "ResponseMetadata": {"HTTPStatusCode": status}}, "Op"
+    )
+
+
+def test_transient_and_permanent_errors_are_told_apart():
+    import aiohttp
+    from botocore.exceptions import ConnectionClosedError, EndpointConnectionError
+
+    def caused(exc: OSError, cause: BaseException) -> OSError:
+        exc.__cause__ = cause  # how s3fs raises: an OSError translated from botocore's ClientError
+        return exc
+
+    transient = [
+        client_error(503, "SlowDown"),
+        client_error(500, "InternalError"),
+        client_error(502, "502"),
+        client_error(429, "TooManyRequests"),
+        client_error(400, "RequestTimeout"),
+        caused(OSError(121, "We encountered an internal error"), client_error(500, "InternalError")),
+        OSError(16, "Please reduce your request rate."),  # s3fs's SlowDown, EBUSY
+        ConnectionClosedError(endpoint_url="http://x"),
+        aiohttp.ClientPayloadError("Response payload is not completed"),
+        TimeoutError("read timed out"),
+    ]
+    permanent = [
+        FileNotFoundError("s3://b/k"),
+        PermissionError("Access Denied"),
+        caused(PermissionError("Access Denied"), client_error(403, "AccessDenied")),
+        caused(FileNotFoundError("The specified bucket does not exist"), client_error(404, "NoSuchBucket")),
+        client_error(403, "InvalidAccessKeyId"),
+        EndpointConnectionError(
+            endpoint_url="http://127.0.0.1:9"
+        ),  # nothing listens: botocore retried already
+        ValueError("bad argument"),
+    ]
+    assert [retry.is_transient(e) for e in transient] == [True] * len(transient)
+    assert [retry.is_transient(e) for e in permanent] == [False] * len(permanent)
+
+
+# --- transient faults ------------------------------------------------------------------------------------------------
+
+PHOTOS = [f"p{i:02d}.jpg" for i in range(10)]
+MEMBERS = ["m0.jpg", "m1.jpg", "m2.jpg"]
+
+
+def tar_bytes(members: dict[str, bytes]) -> bytes:
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tf:
+        for name, data in members.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tf.addfile(info, io.BytesIO(data))
+    return buf.getvalue()
+
+
+@pytest.fixture(scope="module")
+def archive(moto_server) -> str:
+    """A bucket on moto (not behind the proxy) holding archive/photos/*.jpg and archive/shards/s0.tar."""
+    import s3fs
+
+    bucket = "faults-archive"  # a fixed name: the requests (and so which ones the proxy picks) are the same every run
+    fs = s3fs.S3FileSystem(client_kwargs={"endpoint_url": moto_server}, skip_instance_cache=True)
+    fs.mkdir(bucket)
+    data = {f"{bucket}/archive/photos/{n}": jpeg_bytes(64, 80, seed=i) for i, n in enumerate(PHOTOS)}
+    shard = {n: jpeg_bytes(72, 64, seed=100 + i) for i, n in enumerate(MEMBERS)}
+    data[f"{bucket}/archive/shards/s0.tar"] = tar_bytes(shard)
+    fs.pipe(data)
+    return bucket
+
+
+def test_reads_that_outlast_the_libraries_retries_are_retried_not_error_rows(
+    archive, moto_server, tmp_path, monkeypatch
+):
+    """Bodies cut short 6 times in a row: s3fs gives up after 5. Without `pipeline.retry` that is a `read failed`
+    row (a loose file) or a broken-off shard; with it, every input is read whole. Read tasks' code, without Ray."""
+    bucket = archive
+    plan = tmp_path / "unit-000000.tsv"
+    plan.write_text(
+        "".join(f"s3://{bucket}/archive/photos/{n}\ts3://{bucket}/archive/photos/{n}\n" for n in PHOTOS[:3])
+    )
+    units = [
+        WorkUnit("000000", "files", str(plan), "", 3),
+        WorkUnit(
+            "000001",
+            "tar",
+            f"s3://{bucket}/archive/shards/s0.tar",
+            f"s3://{bucket}/archive/shards/s0.tar",
+            -1,
+        ),
+    ]
+    faults = [
+        Fault("GET", r"/photos/p01\.jpg$", times=6, kinds=("cut",)),
+        Fault("GET", r"/s0\.tar$", times=6, kinds=("cut",)),
+    ]
+
+    def read_all(proxy: FaultyS3) -> dict[str, dict]:
+        import s3fs
+
+        s3fs.S3FileSystem.clear_instance_cache()
+        opts = {"client_kwargs": {"endpoint_url": proxy.endpoint}}
+        return {
+            r["image_uri"]: r for u in units for t in read_unit(u, input_options=opts) for r in t.to_pylist()
+        }
+
+    monkeypatch.setattr(retry, "ATTEMPTS", 0)  # only the libraries' own retries
+    with FaultyS3(moto_server, faults) as proxy:
+        rows = read_all(proxy)
+    assert proxy.injected[0] == proxy.injected[1] == 5  # s3fs's five tries, each cut
+    broken = {u: r["read_error"] for u, r in rows.items() if r["read_error"]}
+    assert broken[f"s3://{bucket}/archive/photos/p01.jpg"].startswith(
+        f"read failed: s3://{bucket}/archive/photos/p01.jpg: ClientPayloadError, still failing after retries"
+    )
+    assert broken[f"s3://{bucket}/archive/shards/s0.tar"].startswith("corrupt or unreadable tar shard")
+
+    monkeypatch.undo()
+    with FaultyS3(moto_server, faults) as proxy:
+        rows = read_all(proxy)
+    assert proxy.injected[0] == proxy.injected[1] == 6
+    expected = [f"s3://{bucket}/archive/photos/{n}" for n in PHOTOS[:3]]
+    expected += [f"s3://{bucket}/archive/shards/s0.tar#{m}" for m in MEMBERS]
+    assert sorted(rows) == sorted(expected)  # no shard row: the shard was read to its end
+    assert all(r["read_error"] is None and r["data"] for r in rows.values())
+    assert sorted(r["unit_index"] for r in rows.values() if "#" in r["image_uri"]) == [0, 1, 2]
+
+
+def test_job_completes_through_transient_faults(ray_local, archive, moto_server):
+    bucket = archive
+    faults = [
+        # Within the libraries' own retries: 30% of all distinct requests (reads, listings, HEADs, result
+        # writes) fail once, by each of the four kinds in turn.
+        Fault("*", r"", share=0.3, times=1),
+        # Beyond them (botocore stops after 5 attempts at a 500, s3fs after 5 cut bodies): pipeline.retry's turn.
+        Fault("GET", r"/photos/p03\.jpg$", times=5, kinds=("internal",)),
+        Fault("GET", r"/photos/p07\.jpg$", times=6, kinds=("cut",)),
+        Fault("GET", r"/shards/s0\.tar$", times=6, kinds=("cut",)),
+        Fault("GET", r"list-type=2&prefix=archive%2Fphotos", times=5, kinds=("internal",)),
+        Fault("PUT", r"/results/images/part-000001\.parquet$", times=5, kinds=("internal",)),
+        Fault("PUT", r"/results/_committed/000002\.json$", times=5, kinds=("internal",)),
+    ]
+    with FaultyS3(moto_server, faults, seed=3) as proxy:
+        storage = {"endpoint_url": proxy.endpoint}
+        cfg = segment_config(
+            {
+                "input": {"url": f"s3://{bucket}/archive/", "unit_size": 4, "storage": storage},
+                "output": {"url": f"s3://{bucket}/results", "storage": storage},
+                "model": {**TINY_MODEL, "batch_size": 2},
+            }
+        )
+        summary = segment(cfg, log=lambda _: None)
+    assert all(proxy.injected[i] for i in range(len(faults))), proxy.injected  # every rule really fired
+    assert proxy.total_injected / proxy.requests >= 0.2, (proxy.total_injected, proxy.requests)
+    assert set(proxy.kinds) == set(KINDS)
+    assert summary.complete and summary.units_total == 4, summary.lines()
+
+    import s3fs
+
+    s3fs.S3FileSystem.clear_instance_cache()
+    fs = s3fs.S3FileSystem(client_kwargs={"endpoint_url": moto_server})
+    rows = pads.dataset(f"{bucket}/results/images", filesystem=fs, format="parquet").to_table().to_pylist()
+    expected = [f"s3://{bucket}/archive/photos/{n}" for n in PHOTOS]
+    expected += [f"s3://{bucket}/archive/shards/s0.tar#{m}" for m in MEMBERS]
+    assert sorted(r["image_uri"] for r in rows) == sorted(expected)  # each input exactly once
+    assert {(r["status"], r["error"]) for r in rows} == {("ok", None)}
+    assert summary.images == summary.ok == len(expected)
+    assert fs.exists(f"{bucket}/results/_SUCCESS.json")
+
+
+# --- permanent faults ------------------------------------------------------------------------------------------------
+
+
+def deny_writes(endpoint: str, bucket: str, prefix: str) -> None:
+    import boto3
+
+    policy = {
+        "Version": "2012-10-17",
+        "Statement": [
+            {
+                "Effect": "Deny",
+                "Principal": "*",
+                "Action": "s3:PutObject",
+                "Resource": f"arn:aws:s3:::{bucket}/{prefix}*",
+            }
+        ],
+    }
+    client = boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1")
+    client.put_bucket_policy(Bucket=bucket, Policy=json.dumps(policy))
+
+
+def run_cli(inputs: Path, output: str, endpoint: str) -> subprocess.CompletedProcess:
+    """The segment job as a user runs it, with its own embedded Ray (short temp dir: Ray's socket paths)."""
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    with tempfile.TemporaryDirectory(prefix="sf-") as ray_tmp:
+        env["RAY_TMPDIR"] = ray_tmp
+        sets = [f"model.{k}={v}" for k, v in TINY_MODEL.items()] + [f"output.storage.endpoint_url={endpoint}"]
+        cmd = [sys.executable, str(SCRIPT), "--input", str(inputs), "--output", output]
+        cmd += [arg for s in sets for arg in ("--set", s)]
+        return subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env, timeout=400)
+
+
+@pytest.mark.parametrize("case", ["missing-bucket", "access-denied", "dead-endpoint"])
+def test_permanent_failure_ends_the_cli_with_one_line(case, moto_server, shapes_dir, tmp_path):
+    import s3fs
+
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    for f in sorted((shapes_dir / "val").glob("*.jpg"))[:2]:
+        (inputs / f.name).write_bytes(f.read_bytes())
+    fs = s3fs.S3FileSystem(client_kwargs={"endpoint_url": moto_server}, skip_instance_cache=True)
+    bucket, endpoint = f"perm-{case}-{os.getpid()}", moto_server
+    if case == "access-denied":
+        fs.mkdir(bucket)
+        deny_writes(moto_server, bucket, "results/")
+        cause = "access denied"
+    elif case == "missing-bucket":
+        cause = "bucket does not exist"
+    else:
+        endpoint = f"http://127.0.0.1:{free_port()}"  # nothing listens there
+        cause = "storage endpoint unreachable"
+    started = time.perf_counter()
+    r = run_cli(inputs, f"s3://{bucket}/results", endpoint)
+    assert r.returncode == 1, r.stderr[-3000:]
+    assert "Traceback" not in r.stderr, r.stderr[-3000:]
+    errors = [line for line in r.stderr.splitlines() if line.startswith("error")]
+    assert errors == [r.stderr.strip().splitlines()[-1]], r.stderr[-3000:]  # one line, the last one
+    assert re.fullmatch(
+        rf"error: output: s3://{bucket}/results/_config\.json: {cause}( \(.*\))?", errors[0]
+    ), errors
+    assert time.perf_counter() - started < 120  # permanent errors are not retried for minutes
+    fs.invalidate_cache()
+    if case == "missing-bucket":
+        assert not fs.exists(bucket)  # reported, not created
+    elif case == "access-denied":
+        assert fs.find(f"{bucket}/results") == []  # nothing written, so nothing claimed done
+
+
+def test_permanent_failure_mid_job_claims_nothing(ray_local, moto_server, shapes_dir):
+    """Writes denied after the first unit is committed: the job stops with one line naming the URL and the cause;
+    no `_SUCCESS.json`, and each completion record written before still promises whole data files."""
+    import s3fs
+
+    bucket = f"midjob-{os.getpid()}"
+    fs = s3fs.S3FileSystem(client_kwargs={"endpoint_url": moto_server}, skip_instance_cache=True)
+    fs.mkdir(bucket)
+    denied = threading.Event()
+
+    def deny_after_first_commit() -> None:
+        deadline = time.time() + 240
+        while time.time() < deadline:
+            fs.invalidate_cache()
+            if fs.exists(f"{bucket}/results/_committed") and fs.ls(f"{bucket}/results/_committed"):
+                deny_writes(moto_server, bucket, "results/")
+                denied.set()
+                return
+            time.sleep(0.05)
+
+    watcher = threading.Thread(target=deny_after_first_commit, daemon=True)
+    watcher.start()
+    cfg = segment_config(
+        {
+            "input": {"url": str(shapes_dir / "val"), "unit_size": 2},
+            "output": {"url": f"s3://{bucket}/results", "storage": {"endpoint_url": moto_server}},
+            "model": {**TINY_MODEL, "batch_size": 1},
+        }
+    )
+    with pytest.raises(JobError) as err:
+        segment(cfg, log=lambda _: None)
+    watcher.join(timeout=5)
+    assert denied.is_set()
+    message = str(err.value)
+    assert "\n" not in message and re.search(rf"s3://{bucket}/results/\S+: access denied", message), message
+    fs.invalidate_cache()
+    assert not fs.exists(f"{bucket}/results/_SUCCESS.json")
+    records = fs.ls(f"{bucket}/results/_committed")
+    assert 1 <= len(records) < 6  # 12 images in units of 2: the job stopped part-way
+    for record in records:
+        stats = json.loads(fs.cat_file(record))
+        unit = stats["unit_id"]
+        for folder, count in (("images", stats["images"]), ("detections", stats["detections"])):
+            table = pads.dataset(f"{bucket}/results/{folder}/part-{unit}.parquet", filesystem=fs).to_table()
+            assert table.num_rows == count
