@@ -1,7 +1,7 @@
 """Pipeline vs bare model loop vs the naive per-image script, side by side in one run: same images, same weights,
 same threads.
 
-    python bench/segment.py [--images 16] [--height 480 --width 640] [--batch-size 4] [--threads 2] [--options]
+    python bench/segment.py [--images 16] [--height 480 --width 640] [--batch-size 1] [--threads 2] [--options]
 
 - bare: the images decoded up front (not timed), then only torchvision's `model(batch)` (its full-image mask paste
   included) under `torch.inference_mode()`.
@@ -312,7 +312,7 @@ def main() -> None:
     p.add_argument("--width", type=int, default=640)
     p.add_argument("--min-size", type=int, default=800)
     p.add_argument("--max-size", type=int, default=1333)
-    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--batch-size", type=int, default=1)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--score-threshold", type=float, default=0.5)
     p.add_argument("--profile-images", type=int, default=8, help="images for the compute-path profile")

@@ -27,6 +27,7 @@ from model.data import CocoInstances, GroupedBatchSampler, aspect_ratio_group_id
 
 CHECKPOINT_FILE = "model.pt"
 ERROR_FILE = "_error.txt"  # written by rank 0 when training stops on a non-finite loss
+NOT_EVALUATED = -1.0  # bbox_AP / segm_AP of an epoch that was not evaluated (train.eval_every)
 
 
 def lr_factor(
@@ -190,6 +191,10 @@ def train_per_worker(config: dict) -> None:
             "epoch": epoch,
             "loss": loss_sum / max(1, n_iter),
             "images_per_s": seen / max(1e-9, time.perf_counter() - t0),
+            # Every report carries the checkpoint-ranking key (Ray Train warns on each report that lacks it);
+            # NOT_EVALUATED ranks an epoch without evaluation below every evaluated one, as pycocotools' -1 does.
+            "bbox_AP": NOT_EVALUATED,
+            "segm_AP": NOT_EVALUATED,
         }
         if (epoch + 1) % config["eval_every"] == 0 or epoch + 1 == config["epochs"]:
             stats = evaluate_distributed(bare, val_ds, val_index, rank=rank, world=world, device=device)

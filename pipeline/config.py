@@ -93,7 +93,7 @@ class ModelConfig:
     max_size: int | None = None  # None ("auto"): the checkpoint's own, else torchvision's 1333
     score_threshold: float = 0.5
     max_detections: int = 100
-    batch_size: int = 4
+    batch_size: int | None = None  # None ("auto"): 1 on CPU actors, 4 on GPUs (measured: BENCHMARKS.md)
     device: Literal["auto", "cpu", "cuda"] = "auto"
     storage: StorageConfig = dataclasses.field(default_factory=StorageConfig)
 

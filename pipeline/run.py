@@ -33,6 +33,17 @@ from pipeline.sources import PLAN_INDEX, WorkUnit, iter_inputs, load_plan, plan_
 # --- resources -------------------------------------------------------------------------------------------------------
 
 
+# Images per forward pass when `model.batch_size` is auto. On CPU one image at a time is fastest: batching 640x480
+# images at 800 px ran at 0.31 images/s against 0.50 one by one (bench/segment.py, 2 cores; larger activations,
+# no parallelism left to gain). GPUs gain from batching.
+CPU_BATCH_SIZE = 1
+GPU_BATCH_SIZE = 4
+
+
+def batch_size_for(configured: int | None, device: str) -> int:
+    return configured or (GPU_BATCH_SIZE if device == "cuda" else CPU_BATCH_SIZE)
+
+
 @dataclasses.dataclass(frozen=True)
 class Resources:
     device: str  # "cuda" | "cpu"
@@ -379,7 +390,7 @@ def _execute(
     )
     ds = ds.map_batches(
         Segmenter,
-        batch_size=cfg.model.batch_size,
+        batch_size=batch_size_for(cfg.model.batch_size, res.device),
         batch_format="pyarrow",
         compute=ray.data.ActorPoolStrategy(min_size=res.min_actors, max_size=res.max_actors),
         num_cpus=res.cpus_per_actor,
@@ -391,7 +402,7 @@ def _execute(
             device=res.device,
             threads=res.threads_per_actor,
             max_pixels=cfg.input.max_pixels,
-            batch_size=cfg.model.batch_size,
+            batch_size=batch_size_for(cfg.model.batch_size, res.device),
             on_image_error=cfg.on_image_error,
             run_id=run_id,
             weights_storage_options=cfg.model.storage_options(),

@@ -12,7 +12,7 @@ import os
 
 import fsspec
 
-from model.train_loop import CHECKPOINT_FILE, ERROR_FILE, train_per_worker
+from model.train_loop import CHECKPOINT_FILE, ERROR_FILE, NOT_EVALUATED, train_per_worker
 from pipeline.config import redacted
 from pipeline.errors import JobError, describe_storage_error
 from pipeline.train_config import TrainConfig
@@ -150,7 +150,11 @@ def run_training(cfg: TrainConfig) -> TrainSummary:
         raise JobError(error_fs.cat_file(error_path).decode("utf-8", "replace"))
     metrics = dict(result.metrics or {})
     best_url, best_metrics = None, {}
-    scored = [(c, m) for c, m in (result.best_checkpoints or []) if m.get("segm_AP") is not None]
+    scored = [
+        (c, m)
+        for c, m in (result.best_checkpoints or [])
+        if isinstance(m.get("segm_AP"), (int, float)) and m["segm_AP"] != NOT_EVALUATED
+    ]
     if scored:
         best, best_metrics = max(scored, key=lambda cm: cm[1]["segm_AP"])
         best_url = f"{prefix}{best.path}/{CHECKPOINT_FILE}"

@@ -94,3 +94,14 @@ def test_shipped_config_is_valid_and_complete():
     from tests.config_keys import dataclass_keys, yaml_keys
 
     assert dataclass_keys(SegmentConfig) == yaml_keys(data)  # every key documented in the shipped file
+
+
+def test_batch_size_auto_is_one_on_cpu_and_four_on_gpu():
+    from pipeline.run import batch_size_for
+
+    cfg = segment_config({"input": {"url": "a/"}, "output": {"url": "b/"}, "model": {"batch_size": "auto"}})
+    assert cfg.model.batch_size is None
+    assert batch_size_for(cfg.model.batch_size, "cpu") == 1 and batch_size_for(None, "cuda") == 4
+    assert batch_size_for(8, "cpu") == 8
+    with pytest.raises(ConfigError, match=r"model.batch_size: expected a value in \[1, 1024\], got 0"):
+        segment_config({"input": {"url": "a/"}, "output": {"url": "b/"}, "model": {"batch_size": 0}})
