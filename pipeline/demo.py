@@ -22,27 +22,6 @@ from pipeline.errors import JobError
 from pipeline.train_config import TrainConfig
 
 
-@dataclasses.dataclass
-class DemoPaths:
-    root: str = "demo"
-
-    @property
-    def shapes(self) -> str:
-        return f"{self.root}/shapes"
-
-    @property
-    def results(self) -> str:
-        return f"{self.root}/results"
-
-    @property
-    def renders(self) -> str:
-        return f"{self.root}/renders"
-
-    @property
-    def runs(self) -> str:
-        return f"{self.root}/runs"
-
-
 def _has_split(shapes: str, split: str, n: int) -> bool:
     path = os.path.join(shapes, "annotations", f"instances_{split}.json")
     try:

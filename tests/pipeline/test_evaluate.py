@@ -6,7 +6,6 @@ tests/pipeline/test_train.py and by the demo); ground truth is the generated sha
 
 from __future__ import annotations
 
-import copy
 import json
 import os
 import subprocess
@@ -17,14 +16,12 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from pycocotools import mask as mask_utils
-from pycocotools.coco import COCO
-from pycocotools.cocoeval import COCOeval
 
 from pipeline.errors import JobError
 from pipeline.evaluate import evaluate_results, match_images
 from pipeline.results import open_results
 from pipeline.schema import DETECTIONS_SCHEMA, IMAGES_SCHEMA
-from tests.model.test_coco_eval import _perfect
+from tests.model.test_coco_eval import _direct, _perfect
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -108,19 +105,8 @@ def write_results(fs_root: str, gt: dict, predictions: list[dict], *, image_pref
 
 
 def direct_stats(gt: dict, predictions: list[dict]) -> dict[str, list[float]]:
-    coco = COCO()
-    coco.dataset = copy.deepcopy(gt)
-    coco.createIndex()
-    out = {}
-    for iou_type in ("bbox", "segm"):
-        drop = "segmentation" if iou_type == "bbox" else "bbox"
-        dt = coco.loadRes([{k: v for k, v in p.items() if k != drop} for p in copy.deepcopy(predictions)])
-        e = COCOeval(coco, dt, iouType=iou_type)
-        e.evaluate()
-        e.accumulate()
-        e.summarize()
-        out[iou_type] = [float(s) for s in e.stats]
-    return out
+    """pycocotools called directly, without our evaluate()."""
+    return {iou_type: _direct(gt, predictions, iou_type) for iou_type in ("bbox", "segm")}
 
 
 def test_perfect_predictions_score_one(gt, tmp_path):
