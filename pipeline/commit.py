@@ -104,6 +104,22 @@ class Output:
                 self._io(name, self.fs.rm, p, recursive=True)
         self.fs.invalidate_cache()
 
+    def remove_stale_temporaries(self) -> int:
+        """Delete the hidden `.<name>.<hex>.tmp` files that a process killed mid-write left in a local output (object
+        stores publish nothing until an upload completes). Readers already skip them; this reclaims the space, and
+        is safe because one output has one run at a time. Returns how many were removed."""
+        if not self.local:
+            return 0
+        removed = 0
+        for folder in ("", IMAGES_DIR, DETECTIONS_DIR, COMMITTED_DIR, PLAN_DIR):
+            d = self.path(folder)
+            names = os.listdir(d) if os.path.isdir(d) else []
+            for name in names:
+                if name.startswith(".") and name.endswith(".tmp"):
+                    os.remove(os.path.join(d, name))
+                    removed += 1
+        return removed
+
     def ensure_writable(self) -> None:
         """Local: create the folder. Object stores have no folders, and a bucket that does not exist is an error to
         report, not one to create (fsspec's makedirs would create it: a typo in --output would become a new bucket);
@@ -145,7 +161,9 @@ class UnitCommitter:
 
     Results of one unit arrive in any order and from any actor; a unit is complete when it holds one row for each
     index 0..total-1 (a tar shard's total is known from its last row). Duplicate rows of an index (a retried task)
-    are ignored, so a unit's files hold each input exactly once.
+    are ignored, so a unit's files hold each input exactly once; so are rows of a unit this run already committed
+    (a task that Ray re-executes after losing a node can deliver them again), which would otherwise start the unit
+    over, rewrite its files and count it twice in the summary.
     """
 
     def __init__(self, output: Output):
@@ -153,10 +171,13 @@ class UnitCommitter:
         self._parts: dict[str, list[pa.Table]] = {}
         self._seen: dict[str, set[int]] = {}
         self._total: dict[str, int] = {}
+        self._done: set[str] = set()
 
     def add(self, results: pa.Table) -> list[UnitStats]:
         committed = []
         for unit_id in pc.unique(results.column("unit_id")).to_pylist():
+            if unit_id in self._done:
+                continue
             part = results.filter(pc.equal(results.column("unit_id"), unit_id))
             seen = self._seen.setdefault(unit_id, set())
             indices = part.column("unit_index").to_pylist()
@@ -178,6 +199,7 @@ class UnitCommitter:
     def _commit(self, unit_id: str) -> UnitStats:
         results = pa.concat_tables(self._parts.pop(unit_id)).sort_by("unit_index")
         del self._seen[unit_id], self._total[unit_id]
+        self._done.add(unit_id)
         images, detections = split_results(results)
         name = f"part-{unit_id}.parquet"
         self.output.write_bytes(posixpath.join(IMAGES_DIR, name), parquet_bytes(images))

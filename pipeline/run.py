@@ -217,7 +217,10 @@ def segment(cfg: SegmentConfig, *, log: Callable[[str], None] = print) -> RunSum
     _prepare_output(out, cfg, spec, fp, run_id)
 
     plan_url = out.url_of(commit_mod.PLAN_DIR)
-    units = _plan(cfg, out, plan_url)
+    skipped: Counter = Counter()
+    units = _plan(cfg, out, plan_url, skipped)
+    for what, n in skipped.items():
+        log(f"planning: skipped {n} {what} (each input is processed once)")
     done = out.committed_units()
     pending = [u for u in units if u.unit_id not in done]
     summary = RunSummary(
@@ -292,6 +295,7 @@ def _prepare_output(out: Output, cfg: SegmentConfig, spec: ModelSpec, fp: str, r
                 f"{previous.get('fingerprint')} != {fp}, model {previous.get('model_id')}); "
                 "use a new --output, or --set output.mode=overwrite to replace them"
             )
+        out.remove_stale_temporaries()
         out.write_json(
             commit_mod.CONFIG_FILE,
             {
@@ -316,13 +320,13 @@ def _holds_results(out: Output) -> bool:
     return bool(out.committed_units()) or out.exists(f"{commit_mod.PLAN_DIR}/{PLAN_INDEX}")
 
 
-def _plan(cfg: SegmentConfig, out: Output, plan_url: str) -> list[WorkUnit]:
+def _plan(cfg: SegmentConfig, out: Output, plan_url: str, skipped: Counter) -> list[WorkUnit]:
     opts = cfg.output.storage_options()
     try:
         existing = load_plan(plan_url, storage_options=opts)
         if existing is not None:
             return existing
-        inputs = iter_inputs(cfg.input.url, storage_options=cfg.input.storage_options())
+        inputs = iter_inputs(cfg.input.url, storage_options=cfg.input.storage_options(), skipped=skipped)
         units = plan_units(
             _nonempty(inputs, cfg.input.url),
             plan_url=plan_url,

@@ -20,14 +20,17 @@ import dataclasses
 import json
 import os
 import posixpath
+import re
 import tarfile
 import time
 import uuid
+from collections import Counter
 from collections.abc import Iterator
 
 import fsspec
 import pyarrow as pa
 import pyarrow.compute as pc
+from fsspec.utils import glob_translate
 
 from pipeline import retry
 from pipeline.errors import JobError, describe_storage_error
@@ -84,12 +87,19 @@ def _is_local(fs) -> bool:
     return "file" in (fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,))
 
 
-def iter_inputs(url: str, *, storage_options: dict | None = None) -> Iterator[InputRef]:
-    """Yield the inputs behind `url` in a deterministic order (sorted per folder), streaming folder by folder."""
+def iter_inputs(
+    url: str, *, storage_options: dict | None = None, skipped: Counter | None = None
+) -> Iterator[InputRef]:
+    """Yield the inputs behind `url` in a deterministic order (sorted per folder), streaming folder by folder.
+
+    Each input comes once: a manifest line naming a file an earlier line named (in any spelling: relative or
+    absolute) is skipped and counted in `skipped["duplicate manifest lines"]`, since two rows for one image would
+    break every join on `image_uri`. Folder walks and globs cannot repeat an input.
+    """
     fs, path = fsspec.core.url_to_fs(url, **(storage_options or {}))
     if _has_magic(path):
-        for match in sorted(fs.glob(path)):
-            if fs.isdir(match):
+        for match, is_folder in _glob(fs, path):
+            if is_folder:
                 yield from _walk(fs, match, url)
             else:
                 yield from _classify(fs, match, url, explicit=False)
@@ -97,49 +107,97 @@ def iter_inputs(url: str, *, storage_options: dict | None = None) -> Iterator[In
     if fs.isdir(path):
         yield from _walk(fs, path, url)
     elif fs.isfile(path):
-        yield from _classify(fs, path, url, explicit=True)
+        yield from _classify(fs, path, url, explicit=True, skipped=skipped)
     else:
         raise FileNotFoundError(f"no such file, folder or prefix: {url}")
 
 
+def _list(fs, folder: str) -> tuple[list[str], list[str]]:
+    """(files, subfolders) directly in `folder`, each sorted.
+
+    Every listing of inputs goes through here, not through fsspec's `walk`/`find`/`glob`: those skip a folder whose
+    listing fails without a word (`on_error="omit"`, and `"raise"` does not reach subfolders), so a 5xx on one
+    listing would drop that folder's images from the job, which would still call itself complete. Here a transient
+    listing error is retried (`pipeline.retry`) and any other is raised.
+    """
+    here = folder.rstrip("/")
+    files, folders = [], []
+    for info in retry.call(fs.ls, folder, detail=True):
+        name = info["name"].rstrip("/")
+        if info["type"] == "directory":
+            if name != here:  # some stores list the folder itself
+                folders.append(name)
+        else:
+            files.append(name)
+    return sorted(files), sorted(folders)
+
+
 def _walk(fs, root: str, user_url: str) -> Iterator[InputRef]:
     """The inputs below `root`, one folder listed at a time (memory follows the widest folder, not the archive):
-    a folder's files in sorted order, then its subfolders, depth first, in sorted order.
-
-    Not fsspec's `walk`: it skips a folder whose listing fails without a word (and its `on_error="raise"` does not
-    reach subfolders), so a 5xx on one listing would drop that folder's images from the job, which would still
-    call itself complete. Here a transient listing error is retried (`pipeline.retry`) and any other fails the job.
-    """
+    a folder's files in sorted order, then its subfolders, depth first, in sorted order."""
     stack = [root]
     while stack:
-        folder = stack.pop()
-        here = folder.rstrip("/")
-        files, folders = [], []
-        for info in retry.call(fs.ls, folder, detail=True):
-            name = info["name"].rstrip("/")
-            if info["type"] == "directory":
-                if name != here:  # some stores list the folder itself
-                    folders.append(name)
-            else:
-                files.append(name)
-        for path in sorted(files):
+        files, folders = _list(fs, stack.pop())
+        for path in files:
             yield from _classify(fs, path, user_url, explicit=False)
-        stack.extend(sorted(folders, reverse=True))  # popped in sorted order
+        stack.extend(reversed(folders))  # popped in sorted order
 
 
-def _classify(fs, path: str, user_url: str, *, explicit: bool) -> Iterator[InputRef]:
+def _glob(fs, pattern: str) -> list[tuple[str, bool]]:
+    """The (path, is_folder) pairs matching `pattern`, sorted, with fsspec's glob semantics (`*`, `?`, `[...]`
+    within one path segment, `**` across segments) but listed with `_list`: never a silently skipped folder.
+
+    Listing starts at the deepest folder without magic characters and descends only into folders that can still
+    match (`s3://b/2024-*/cam1/*.jpg` never lists `b/2023-01/`); from a `**` segment on, everything is listed.
+    """
+    parts = pattern.rstrip("/").split("/")
+    fixed = next(i for i, part in enumerate(parts) if _has_magic(part))
+    root = "/".join(parts[:fixed]) or ("/" if pattern.startswith("/") else "")
+    depth = len(parts) - fixed  # levels below root that the pattern spans
+    # The level (1-based) of the first `**` segment; below it any folder may hold matches.
+    deep = next((k for k, part in enumerate(parts[fixed:], 1) if "**" in part), None)
+    # Above it, a folder at level k is worth listing only if it matches the pattern's first k segments.
+    prefixes = [re.compile(glob_translate("/".join(parts[: fixed + k]))) for k in range(1, depth)]
+    full = re.compile(glob_translate(pattern.rstrip("/")))
+    matches: list[tuple[str, bool]] = []
+    stack = [(root, 0)]
+    while stack:
+        folder, level = stack.pop()
+        try:
+            files, folders = _list(fs, folder)
+        except FileNotFoundError:  # the root itself is missing, or a folder went away between two listings
+            continue
+        matches += [(f, False) for f in files if full.match(f)]
+        matches += [(d, True) for d in folders if full.match(d)]
+        for d in folders:  # d is at level + 1
+            if (deep is not None and level + 1 >= deep) or (level + 1 < depth and prefixes[level].match(d)):
+                stack.append((d, level + 1))
+    # A path below a matched folder is that folder's walk's to yield (`a/**` matches `a/x` and `a/x/y.jpg`).
+    folders = {m for m, is_folder in matches if is_folder}
+    return sorted(m for m in matches if not any(a in folders for a in _ancestors(m[0], root)))
+
+
+def _ancestors(path: str, root: str) -> Iterator[str]:
+    while (path := posixpath.dirname(path)) and len(path) > len(root):
+        yield path
+
+
+def _classify(
+    fs, path: str, user_url: str, *, explicit: bool, skipped: Counter | None = None
+) -> Iterator[InputRef]:
     name = posixpath.basename(path)
     if is_image_name(name):
         yield InputRef("file", _read_url(fs, path), _display_uri(fs, path, user_url))
     elif is_tar_name(name):
         yield InputRef("tar", _read_url(fs, path), _display_uri(fs, path, user_url))
     elif explicit:  # the user named this one file: it is a manifest
-        yield from _manifest(fs, path, user_url)
+        yield from _manifest(fs, path, user_url, skipped if skipped is not None else Counter())
     # other files met while walking (README, JSON annotations, ...) are not inputs
 
 
-def _manifest(fs, path: str, user_url: str) -> Iterator[InputRef]:
+def _manifest(fs, path: str, user_url: str, skipped: Counter) -> Iterator[InputRef]:
     base = posixpath.dirname(path)
+    seen: set[str] = set()  # read URLs so far: the driver holds one string per manifest line while planning
     with fs.open(path, "rt", encoding="utf-8") as f:
         for raw in f:
             line = raw.strip()
@@ -151,6 +209,10 @@ def _manifest(fs, path: str, user_url: str) -> Iterator[InputRef]:
             else:
                 joined = posixpath.normpath(posixpath.join(base, line))
                 read_url, shown = _read_url(fs, joined), _display_uri(fs, joined, user_url)
+            if read_url in seen:
+                skipped["duplicate manifest lines"] += 1
+                continue
+            seen.add(read_url)
             kind = "tar" if is_tar_name(line) else "file"
             yield InputRef(kind, read_url, shown)
 

@@ -106,3 +106,59 @@ def test_truncated_tar_keeps_members_read_and_reports_shard(tmp_path):
     assert rows[0]["image_uri"].endswith("#1.jpg") and rows[0]["data"] == b"a" * 2000
     assert rows[-1]["image_uri"] == str(path) and "tar" in rows[-1]["read_error"]
     assert rows[-1]["unit_total"] == len(rows) and len({r["unit_index"] for r in rows}) == len(rows)
+
+
+@pytest.mark.parametrize(
+    "pattern",
+    [
+        "*",
+        "a/*",
+        "a/*/*",
+        "*/*.png",
+        "a/?/*.jp*g",
+        "a/[ab]",
+        "**/*.jpeg",
+        "a/**",
+        "**",
+        "[!a]*",
+        "a/b/*.Tiff",
+        "a*/**/*.jpg",
+        "[ab]/**/f*.jpg",
+        "*/c/*",
+    ],
+)
+def test_glob_matches_what_fsspec_matches_each_input_once(tmp_path, pattern):
+    """Globs are listed by our own retried listing (see test_storage_faults for why); they must select what fsspec's
+    glob selects, and an input below a matched folder must come once (from the folder's walk), not twice."""
+    import fsspec
+
+    root = _tree(tmp_path / "arch")
+    (root / "a" / "c").mkdir()
+    (root / "a" / "c" / "four.jpg").write_bytes(b"w")
+    url = f"{root}/{pattern}"
+    refs = [r.image_uri for r in iter_inputs(url)]
+    assert len(refs) == len(set(refs))
+    fs = fsspec.filesystem("file")
+    expected = set()
+    for match in fs.glob(url):
+        files = fs.find(match) if fs.isdir(match) else [match]
+        expected |= {f for f in files if os.path.splitext(f)[1].lower() in {".jpg", ".jpeg", ".png", ".tiff"}}
+    assert set(refs) == expected and expected
+
+
+def test_manifest_naming_a_file_twice_lists_it_once(tmp_path):
+    from collections import Counter
+
+    root = _tree(tmp_path / "arch")
+    _tar(root / "s.tar", [("m.jpg", b"m")])
+    manifest = root / "list.txt"
+    # The same file relative, absolute and again relative; the same shard twice.
+    manifest.write_text(f"one.JPG\n{root}/one.JPG\na/two.png\none.JPG\ns.tar\n{root}/s.tar\n")
+    skipped: Counter = Counter()
+    refs = list(iter_inputs(str(manifest), skipped=skipped))
+    assert [(r.kind, r.image_uri) for r in refs] == [
+        ("file", str(root / "one.JPG")),
+        ("file", str(root / "a" / "two.png")),
+        ("tar", str(root / "s.tar")),
+    ]
+    assert skipped == {"duplicate manifest lines": 3}

@@ -41,7 +41,7 @@ from pipeline import retry
 from pipeline.config import segment_config
 from pipeline.errors import JobError
 from pipeline.run import segment
-from pipeline.sources import WorkUnit, read_unit
+from pipeline.sources import WorkUnit, iter_inputs, read_unit
 from tests.conftest import TINY_MODEL, free_port, jpeg_bytes
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -373,6 +373,35 @@ def test_job_completes_through_transient_faults(ray_local, archive, moto_server)
     assert {(r["status"], r["error"]) for r in rows} == {("ok", None)}
     assert summary.images == summary.ok == len(expected)
     assert fs.exists(f"{bucket}/results/_SUCCESS.json")
+
+
+def test_a_glob_lists_like_a_folder_walk_retried_and_never_silently_short(archive, moto_server, monkeypatch):
+    """fsspec's glob walks with `on_error="omit"`: a listing that fails drops its folder's matches without a word,
+    and the job would call itself complete with fewer inputs. Globs list through the same retried listing as
+    folders: a transient failure is retried, a lasting one fails the listing."""
+    import s3fs
+
+    bucket = archive
+    pattern = f"s3://{bucket}/archive/*/p0[0-4].jpg"  # 2 levels: archive/ is listed, then photos/ and shards/
+    expected = [f"s3://{bucket}/archive/photos/p0{i}.jpg" for i in range(5)]
+    photos_listing = r"list-type=2&prefix=archive%2Fphotos%2F&"
+
+    def listed(proxy: FaultyS3) -> list[str]:
+        s3fs.S3FileSystem.clear_instance_cache()
+        opts = {"client_kwargs": {"endpoint_url": proxy.endpoint}}
+        return [r.image_uri for r in iter_inputs(pattern, storage_options=opts)]
+
+    with FaultyS3(moto_server, []) as proxy:
+        assert listed(proxy) == expected
+    # Beyond botocore's own retries (it stops after 5 attempts at a 500): pipeline.retry's turn.
+    with FaultyS3(moto_server, [Fault("GET", photos_listing, times=5, kinds=("internal",))]) as proxy:
+        assert listed(proxy) == expected
+    assert proxy.injected[0] == 5
+    monkeypatch.setattr(retry, "ATTEMPTS", 0)
+    with FaultyS3(moto_server, [Fault("GET", photos_listing, times=100, kinds=("internal",))]) as proxy:
+        with pytest.raises(OSError):
+            listed(proxy)
+    assert proxy.injected[0] >= 1
 
 
 # --- permanent faults ------------------------------------------------------------------------------------------------

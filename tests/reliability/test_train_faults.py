@@ -14,22 +14,14 @@ ResNet-18 configuration on generated shapes):
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import signal
-import subprocess
-import sys
-import tempfile
-import time
-from collections.abc import Callable
 from pathlib import Path
 
-import psutil
 import pytest
 
 from model.checkpoint import CheckpointError, load_checkpoint
+from tests.reliability.segment_job import ROOT, SessionJob
 
-ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = ROOT / "jobs" / "train.py"
 SNAPSHOT = "checkpoint_manager_snapshot.json"
 
@@ -72,72 +64,6 @@ def sets(data: Path, runs: Path, *, name: str, epochs: int, workers: int) -> lis
     return [arg for k, v in values.items() for arg in ("--set", f"{k}={v}")]
 
 
-class TrainJob:
-    """`jobs/train.py` in a session of its own (so a kill takes the driver, GCS and raylet together), output to files."""
-
-    def __init__(self, args: list[str], logs: Path, label: str):
-        self.out_path, self.err_path = logs / f"{label}.out", logs / f"{label}.err"
-        self.ray_tmp = tempfile.mkdtemp(
-            prefix="tf-"
-        )  # short: Ray's socket paths must stay under ~107 characters
-        env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}  # its own Ray, never another one
-        env["RAY_TMPDIR"] = self.ray_tmp
-        with open(self.out_path, "w") as o, open(self.err_path, "w") as e:
-            self.proc = subprocess.Popen(
-                [sys.executable, str(SCRIPT), *args],
-                stdout=o,
-                stderr=e,
-                env=env,
-                cwd=ROOT,
-                start_new_session=True,
-            )
-
-    @property
-    def stdout(self) -> str:
-        return self.out_path.read_text()
-
-    def output(self) -> str:
-        return f"--- stdout\n{self.stdout[-4000:]}\n--- stderr\n{self.err_path.read_text()[-4000:]}"
-
-    def wait_for(self, ready: Callable[[], bool], what: str, timeout: float = 240) -> None:
-        deadline = time.time() + timeout
-        while not ready():
-            assert self.proc.poll() is None, f"the job ended before {what}:\n{self.output()}"
-            assert time.time() < deadline, f"timed out waiting for {what}:\n{self.output()}"
-            time.sleep(0.1)
-
-    def session(self, name_part: str = "") -> list[psutil.Process]:
-        """Live processes of this job's session (Ray workers sit in process groups of their own, same session)."""
-        found = []
-        for p in psutil.process_iter(["cmdline"]):
-            try:
-                if p.pid != self.proc.pid and os.getsid(p.pid) == self.proc.pid and p.status() != "zombie":
-                    if name_part in " ".join(p.info.get("cmdline") or []):
-                        found.append(p)
-            except (ProcessLookupError, psutil.Error):
-                continue
-        return found
-
-    def finish(self, timeout: float = 300) -> int:
-        try:
-            return self.proc.wait(timeout=timeout)
-        finally:
-            self.kill()
-
-    def kill(self) -> None:
-        """SIGKILL the job's process group, then whatever of its session outlives it (Ray workers die with their
-        raylet; the ones that have not yet are killed by pid, so the next run starts on a quiet machine)."""
-        if self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-        self.proc.wait()
-        deadline = time.time() + 30
-        while (left := self.session()) and time.time() < deadline:
-            time.sleep(0.5)
-        for p in left:
-            p.kill()
-        shutil.rmtree(self.ray_tmp, ignore_errors=True)
-
-
 def snapshot(run_dir: Path) -> dict | None:
     """Ray Train's record of the run's checkpoints, or None (not written yet, or caught mid-write)."""
     try:
@@ -161,7 +87,7 @@ def test_killed_worker_restarts_from_latest_checkpoint(shapes, tmp_path):
     runs, logs = tmp_path / "runs", tmp_path / "logs"
     logs.mkdir()
     run_dir = runs / "worker-kill"
-    job = TrainJob(sets(shapes, runs, name="worker-kill", epochs=2, workers=2), logs, "worker-kill")
+    job = SessionJob(SCRIPT, sets(shapes, runs, name="worker-kill", epochs=2, workers=2), logs, "worker-kill")
     try:
         # Epoch 0 is checkpointed and epoch 1 under way (its third step logged): kill one DDP worker.
         job.wait_for(
@@ -175,7 +101,7 @@ def test_killed_worker_restarts_from_latest_checkpoint(shapes, tmp_path):
     finally:
         job.kill()
     out = job.stdout
-    assert "[FailurePolicy] RETRY" in job.err_path.read_text(), (
+    assert "[FailurePolicy] RETRY" in job.stderr_path.read_text(), (
         job.output()
     )  # Ray Train's controller restarted
     assert f"resuming from {run_dir}/{first} at epoch 1" in out, (
@@ -192,7 +118,7 @@ def test_killed_driver_resumes_and_skips_unfinished_checkpoint(shapes, tmp_path)
     run_dir = runs / "driver-kill"
     args = sets(shapes, runs, name="driver-kill", epochs=3, workers=1)
 
-    job = TrainJob(args, logs, "1-killed")
+    job = SessionJob(SCRIPT, args, logs, "1-killed")
     try:
         job.wait_for(lambda: len(recorded(run_dir)) >= 1, "the first recorded checkpoint")
     finally:
@@ -208,7 +134,7 @@ def test_killed_driver_resumes_and_skips_unfinished_checkpoint(shapes, tmp_path)
     with pytest.raises(CheckpointError):  # really unusable: resuming from it would fail the run
         load_checkpoint(str(weights))
 
-    job = TrainJob(args, logs, "2-rerun")
+    job = SessionJob(SCRIPT, args, logs, "2-rerun")
     try:
         assert job.finish() == 0, job.output()
     finally:
