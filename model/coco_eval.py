@@ -127,7 +127,7 @@ def evaluate(
             evaluator.params.imgIds = img_ids
             evaluator.evaluate()
             evaluator.accumulate()
-        with contextlib.nullcontext() if verbose else contextlib.redirect_stdout(io.StringIO()):
+        with contextlib.nullcontext() if verbose else quiet:
             if verbose:
                 print(f"IoU metric: {iou_type}")
             evaluator.summarize()

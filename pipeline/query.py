@@ -23,6 +23,7 @@ import json
 import posixpath
 import re
 import tarfile
+from collections.abc import Callable
 from typing import Any, BinaryIO
 
 import duckdb
@@ -123,16 +124,22 @@ def write_table(table: pa.Table, url: str, *, fmt: str, storage_options: dict | 
     """
     if fmt not in FORMATS:
         raise QueryError(f"format must be one of {', '.join(FORMATS)}, got {fmt!r}")
+    if fmt == "parquet":
+        _write_output(url, storage_options, lambda f: pq.write_table(table, f, compression="zstd"))
+    else:
+        _write_output(url, storage_options, lambda f: write_csv(table, f))
+
+
+def _write_output(url: str, storage_options: dict | None, write: Callable[[BinaryIO], None]) -> None:
+    """Open `url` (local path or fsspec URL; parent folders created) as a binary file and hand it to `write`.
+    Storage failures become one `QueryError` line naming the URL."""
     try:
         fs, path = fsspec.core.url_to_fs(url, **_options_for(url, storage_options))
         parent = posixpath.dirname(path)
         if parent:
             fs.makedirs(parent, exist_ok=True)
         with fs.open(path, "wb") as f:
-            if fmt == "parquet":
-                pq.write_table(table, f, compression="zstd")
-            else:
-                write_csv(table, f)
+            write(f)
     except QueryError:
         raise
     except Exception as e:  # noqa: BLE001  (storage failures become one line)
@@ -378,15 +385,7 @@ def render(
         (row, decode_mask(row["mask"])) for row in detections_of(results, image_uri, min_score=min_score)
     ]
     picture = overlay(image, pairs)
-    try:
-        fs, path = fsspec.core.url_to_fs(output_path, **_options_for(output_path, results.storage_options))
-        parent = posixpath.dirname(path)
-        if parent:
-            fs.makedirs(parent, exist_ok=True)
-        with fs.open(path, "wb") as f:
-            picture.save(f, format="PNG")
-    except Exception as e:  # noqa: BLE001
-        raise QueryError(f"output: {describe_storage_error(output_path, e)}") from None
+    _write_output(output_path, results.storage_options, lambda f: picture.save(f, format="PNG"))
     return {
         "image_uri": image_uri,
         "output": output_path,

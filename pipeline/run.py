@@ -379,6 +379,7 @@ def _execute(
 ) -> None:
     import ray
 
+    batch_size = batch_size_for(cfg.model.batch_size, res.device)
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False  # the driver prints its own progress lines (below)
     ds = ray.data.from_items([dataclasses.asdict(u) for u in pending], override_num_blocks=len(pending))
@@ -394,7 +395,7 @@ def _execute(
     )
     ds = ds.map_batches(
         Segmenter,
-        batch_size=batch_size_for(cfg.model.batch_size, res.device),
+        batch_size=batch_size,
         batch_format="pyarrow",
         compute=ray.data.ActorPoolStrategy(min_size=res.min_actors, max_size=res.max_actors),
         num_cpus=res.cpus_per_actor,
@@ -406,7 +407,7 @@ def _execute(
             device=res.device,
             threads=res.threads_per_actor,
             max_pixels=cfg.input.max_pixels,
-            batch_size=batch_size_for(cfg.model.batch_size, res.device),
+            batch_size=batch_size,
             on_image_error=cfg.on_image_error,
             run_id=run_id,
             weights_storage_options=cfg.model.storage_options(),

@@ -13,7 +13,6 @@ import sys
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
-import s3fs
 from PIL import Image
 
 from model.decode import decode_image
@@ -131,12 +130,9 @@ def test_errors_are_one_line(segmented, tmp_path):
     assert r.returncode == 2 and "give either IMAGE_URI or --sample N" in r.stderr
 
 
-def test_cli_on_s3_results(moto_server, tmp_path):
-    s3fs.S3FileSystem.clear_instance_cache()
+def test_cli_on_s3_results(s3, tmp_path):
+    fs, bucket, moto_server = s3
     opts = {"client_kwargs": {"endpoint_url": moto_server}}
-    fs = s3fs.S3FileSystem(**opts)
-    bucket = "query-cli"
-    fs.mkdir(bucket)
     expected = build_results(f"s3://{bucket}/src", f"s3://{bucket}/out", fs.pipe_file, storage_options=opts)
     url = f"s3://{bucket}/out"
     results = open_results(url, storage_options=opts)
@@ -162,4 +158,3 @@ def test_cli_on_s3_results(moto_server, tmp_path):
     assert r.returncode == 1 and r.stderr.strip().splitlines() == [
         f"error: s3://{bucket}/nothing: no results here (no images/ folder; is this a segment job's --output?)"
     ]
-    s3fs.S3FileSystem.clear_instance_cache()
