@@ -94,16 +94,35 @@ def init_ray(address: str | None = None) -> None:
 
 
 def run_main(main: Callable[[], int]) -> None:
-    """Run `main`, turning job-level failures into one line on stderr and an exit code (no traceback wall)."""
+    """Run `main`, turning job-level failures into one line on stderr and an exit code (no traceback wall).
+
+    The failure line is the last thing the job prints: Ray is shut down first, because its driver keeps
+    forwarding worker and raylet output (e.g. the raylet's "disk over 95% full" warning every 10 s) until it stops,
+    and a user or script reading the last line of stderr must find the reason there, not Ray's noise.
+    """
     try:
         code = main()
     except ConfigError as e:
+        _stop_ray()
         print(f"config error: {e}", file=sys.stderr)
         code = EXIT_CONFIG
     except JobError as e:
+        _stop_ray()
         print(f"error: {e}", file=sys.stderr)
         code = EXIT_FAILED
     except KeyboardInterrupt:
+        _stop_ray()
         print("interrupted; committed units are kept — run the same command again to resume", file=sys.stderr)
         code = 130
     sys.exit(code)
+
+
+def _stop_ray() -> None:
+    """Disconnect from Ray (stopping an embedded one) if this process started or joined it; quietly, best effort."""
+    ray = sys.modules.get("ray")
+    if ray is None or not ray.is_initialized():
+        return
+    try:
+        ray.shutdown()
+    except Exception:  # noqa: BLE001  (the job is already failing; its own reason is what must be printed)
+        pass

@@ -15,9 +15,10 @@ import argparse
 import os
 
 import _cli  # noqa: F401  (puts the repo root on sys.path)
-from _cli import EXIT_FAILED, EXIT_OK, init_ray, load_config_dict, run_main
+from _cli import EXIT_OK, init_ray, load_config_dict, run_main
 
 from pipeline.config import segment_config
+from pipeline.errors import JobError
 
 DEMO_DIR = "demo"
 DEMO_TRAIN_IMAGES, DEMO_VAL_IMAGES = 600, 100
@@ -94,11 +95,10 @@ def main() -> int:
     summary = segment(cfg)
     print("\n".join(summary.lines()))
     if not summary.complete:
-        print(
-            f"error: {len(summary.units_incomplete)} unit(s) did not complete "
+        raise JobError(
+            f"{len(summary.units_incomplete)} unit(s) did not complete "
             f"({', '.join(summary.units_incomplete[:5])}); run the same command again to resume"
         )
-        return EXIT_FAILED
     return EXIT_OK
 
 
