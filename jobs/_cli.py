@@ -119,10 +119,11 @@ def run_main(main: Callable[[], int]) -> None:
 
 def _stop_ray() -> None:
     """Disconnect from Ray (stopping an embedded one) if this process started or joined it; quietly, best effort."""
+    # Not imported: this job never used Ray (and must not start importing it now).
     ray = sys.modules.get("ray")
-    if ray is None or not ray.is_initialized():
+    if ray is None:
         return
     try:
-        ray.shutdown()
+        ray.shutdown()  # a no-op when Ray was imported but never started
     except Exception:  # noqa: BLE001  (the job is already failing; its own reason is what must be printed)
         pass

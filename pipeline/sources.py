@@ -96,6 +96,7 @@ def iter_inputs(
     absolute) is skipped and counted in `skipped["duplicate manifest lines"]`, since two rows for one image would
     break every join on `image_uri`. Folder walks and globs cannot repeat an input.
     """
+    skipped = Counter() if skipped is None else skipped
     fs, path = fsspec.core.url_to_fs(url, **(storage_options or {}))
     if _has_magic(path):
         for match, is_folder in _glob(fs, path):
@@ -191,7 +192,7 @@ def _classify(
     elif is_tar_name(name):
         yield InputRef("tar", _read_url(fs, path), _display_uri(fs, path, user_url))
     elif explicit:  # the user named this one file: it is a manifest
-        yield from _manifest(fs, path, user_url, skipped if skipped is not None else Counter())
+        yield from _manifest(fs, path, user_url, skipped)
     # other files met while walking (README, JSON annotations, ...) are not inputs
 
 

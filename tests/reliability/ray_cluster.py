@@ -25,9 +25,8 @@ import psutil
 from ray._private import ray_constants
 from ray.cluster_utils import Cluster
 
-ACTOR_MARK = (
-    "MapBatches(Segmenter)"  # Ray titles an actor process after its class: "ray::MapWorker(MapBatches(...))"
-)
+# Ray titles an actor process after its class: "ray::MapWorker(MapBatches(Segmenter))".
+ACTOR_MARK = "MapBatches(Segmenter)"
 
 
 def actors_on(node) -> int:

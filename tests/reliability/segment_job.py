@@ -30,6 +30,16 @@ def committed(out: Path) -> set[str]:
     return {p.stem for p in d.glob("*.json")} if d.is_dir() else set()
 
 
+def private_ray(prefix: str) -> tuple[str, dict[str, str]]:
+    """A Ray temp dir of its own (removed by the caller) and an environment that uses it and never the suite's Ray.
+    The dir is short because Ray's unix socket paths below it must stay under ~107 characters (pytest's tmp_path is
+    too deep)."""
+    ray_tmp = tempfile.mkdtemp(prefix=prefix)
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env["RAY_TMPDIR"] = ray_tmp
+    return ray_tmp, env
+
+
 class SessionJob:
     """A job script (`jobs/*.py`) run as a user runs it, in a session of its own so that a kill takes its whole
     process group (driver, and with an embedded Ray its GCS and raylet); output captured to files (a pipe could fill
@@ -37,11 +47,7 @@ class SessionJob:
 
     def __init__(self, script: Path, args: list[str], logs: Path, name: str):
         self.stdout_path, self.stderr_path = logs / f"{name}.out", logs / f"{name}.err"
-        # A private Ray temp dir, removed after the run; short, because Ray's unix socket paths below it must stay
-        # under ~107 characters (pytest's tmp_path is too deep).
-        self.ray_tmp = tempfile.mkdtemp(prefix="rk-")
-        env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}  # never the suite's Ray
-        env["RAY_TMPDIR"] = self.ray_tmp
+        self.ray_tmp, env = private_ray("rk-")  # removed after the run
         with open(self.stdout_path, "w") as o, open(self.stderr_path, "w") as e:
             self.proc = subprocess.Popen(
                 [sys.executable, str(script), *args],

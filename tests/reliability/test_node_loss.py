@@ -16,7 +16,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 
 from tests.reliability.segment_job import (
     ROOT,
@@ -24,6 +23,7 @@ from tests.reliability.segment_job import (
     assert_commits_are_complete,
     assert_exactly_once,
     committed,
+    private_ray,
 )
 
 
@@ -31,22 +31,15 @@ class ClusterProcess:
     """`tests/reliability/ray_cluster.py` in a process of its own, driven over its stdin/stdout."""
 
     def __init__(self, workers: int, cpus: float):
-        self.ray_tmp = tempfile.mkdtemp(
-            prefix="rn-"
-        )  # short: Ray's socket paths must stay under ~107 characters
-        env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-        env["RAY_TMPDIR"] = self.ray_tmp
-        env["PYTHONPATH"] = os.pathsep.join(
-            p for p in (str(ROOT), env.get("PYTHONPATH")) if p
-        )  # for Ray workers
+        self.ray_tmp, env = private_ray("rn-")
+        # The cluster's Ray workers import `pipeline`/`model` from the repo.
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH")) if p)
         cmd = [
             sys.executable,
             "-m",
             "tests.reliability.ray_cluster",
-            "--workers",
-            str(workers),
-            "--cpus",
-            str(cpus),
+            f"--workers={workers}",
+            f"--cpus={cpus}",
         ]
         self.proc = subprocess.Popen(
             cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=ROOT, start_new_session=True

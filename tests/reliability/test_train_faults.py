@@ -101,12 +101,9 @@ def test_killed_worker_restarts_from_latest_checkpoint(shapes, tmp_path):
     finally:
         job.kill()
     out = job.stdout
-    assert "[FailurePolicy] RETRY" in job.stderr_path.read_text(), (
-        job.output()
-    )  # Ray Train's controller restarted
-    assert f"resuming from {run_dir}/{first} at epoch 1" in out, (
-        job.output()
-    )  # ... and the new workers resumed
+    # Ray Train's controller restarted, and the new workers resumed.
+    assert "[FailurePolicy] RETRY" in job.stderr_path.read_text(), job.output()
+    assert f"resuming from {run_dir}/{first} at epoch 1" in out, job.output()
     assert f"run: {run_dir}  epochs done: 2" in out, job.output()
     name, epoch = latest(run_dir)
     assert name != first and epoch == 1  # the last epoch, checkpointed by the restarted workers
