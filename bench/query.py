@@ -3,11 +3,11 @@
     python bench/query.py [--rows 1000000] [--per-image 15] [--unit-size 64] [--repeats 3] [--layouts]
 
 Generates a results folder the way the segment job writes one: `images/` and `detections/` with one Parquet file per
-work unit of `--unit-size` images (`pipeline.commit.parquet_bytes`: zstd, pyarrow's default row groups), rows in
-image order and score-descending within an image. Detections follow `pipeline.schema.DETECTIONS_SCHEMA`: 20 COCO
+work unit of `--unit-size` images (as `pipeline.segment.write.UnitWriter` encodes them: zstd, row groups of up to
+`ROW_GROUP_ROWS` rows), rows in image order and score-descending within an image. Detections follow `pipeline.segment.schema.DETECTIONS_SCHEMA`: 20 COCO
 labels, scores uniform in [0.5, 1) (the job's default threshold is 0.5), boxes and areas, and short real COCO RLE
 strings of 640x480 masks (drawn from a pool, so `mask` compresses better than real data; no query here reads it).
-Each query runs through `pipeline.query.sql` (what `jobs/query.py sql` does: bind the two tables, then query);
+Each query runs through `pipeline.results.query.sql` (what `jobs/query.py sql` does: bind the two tables, then query);
 the time is the median of `--repeats` runs after one untimed run.
 
 `--layouts` also writes the same rows in other layouts (fewer, larger files; sorted by label or score; row-group
@@ -59,7 +59,7 @@ def detections_table(image_uris: list[str], per_image, rng, pool: list[str]):
     import pyarrow as pa
 
     from model.labels import COCO_CATEGORIES
-    from pipeline.schema import DETECTIONS_SCHEMA
+    from pipeline.segment.schema import DETECTIONS_SCHEMA
 
     names = [n for n in COCO_CATEGORIES[1:] if n != "N/A"][:NUM_LABELS]
     label_ids = np.array([COCO_CATEGORIES.index(n) for n in names], dtype=np.int32)
@@ -99,7 +99,7 @@ def detections_table(image_uris: list[str], per_image, rng, pool: list[str]):
 def images_table(image_uris: list[str], per_image, unit_id: str):
     import pyarrow as pa
 
-    from pipeline.schema import IMAGES_SCHEMA
+    from pipeline.segment.schema import IMAGES_SCHEMA
 
     n = len(image_uris)
     return pa.table(
@@ -126,8 +126,9 @@ def write_results(root: str, *, rows: int, per_image: float, unit_size: int, see
 
     Returns (detection rows written, one image_uri to look up)."""
     import numpy as np
+    import pyarrow.parquet as pq
 
-    from pipeline.commit import DETECTIONS_DIR, IMAGES_DIR, parquet_bytes
+    from pipeline.segment.write import DETECTIONS_DIR, IMAGES_DIR, ROW_GROUP_ROWS
 
     rng = np.random.default_rng(seed)
     pool = rle_pool(500, seed)
@@ -135,7 +136,7 @@ def write_results(root: str, *, rows: int, per_image: float, unit_size: int, see
     os.makedirs(os.path.join(root, DETECTIONS_DIR))
     written, unit, probe = 0, 0, ""
     while written < rows:
-        unit_id = f"{unit:06d}"
+        unit_id = f"{unit:08d}"
         uris = [f"s3://archive/photos/{unit_id}/img_{k:04d}.jpg" for k in range(unit_size)]
         counts = rng.poisson(per_image, unit_size)
         # The last unit stops at exactly `rows`: each image keeps what still fits after the ones before it.
@@ -143,8 +144,8 @@ def write_results(root: str, *, rows: int, per_image: float, unit_size: int, see
         counts = np.clip(rows - written - before, 0, counts)
         dets = detections_table(uris, counts, rng, pool)
         for folder, table in ((IMAGES_DIR, images_table(uris, counts, unit_id)), (DETECTIONS_DIR, dets)):
-            with open(os.path.join(root, folder, f"part-{unit_id}.parquet"), "wb") as f:
-                f.write(parquet_bytes(table))
+            path = os.path.join(root, folder, f"part-{unit_id}.parquet")
+            pq.write_table(table, path, compression="zstd", row_group_size=ROW_GROUP_ROWS)
         if unit == 0:
             probe = uris[0]
         written += dets.num_rows
@@ -153,9 +154,9 @@ def write_results(root: str, *, rows: int, per_image: float, unit_size: int, see
 
 
 def time_queries(root: str, probe: str, repeats: int) -> dict[str, list[float]]:
-    """Seconds per run of each query through `pipeline.query.sql`, after one untimed run."""
-    from pipeline.query import sql
-    from pipeline.results import open_results
+    """Seconds per run of each query through `pipeline.results.query.sql`, after one untimed run."""
+    from pipeline.results.open import open_results
+    from pipeline.results.query import sql
 
     results = open_results(root)
     times: dict[str, list[float]] = {}
@@ -172,7 +173,7 @@ def time_queries(root: str, probe: str, repeats: int) -> dict[str, list[float]]:
 
 
 def check_answers(root: str, rows: int) -> None:
-    from pipeline.query import sql
+    from pipeline.results.query import sql
 
     per_label = sql(root, QUERIES["per_label_counts"])
     assert per_label.num_rows == NUM_LABELS and sum(per_label.column("n").to_pylist()) == rows, per_label
@@ -183,7 +184,7 @@ def relayout(src: str, dst: str, *, files: int, sort_by: str | None, row_group: 
     import pyarrow.dataset as ds
     import pyarrow.parquet as pq
 
-    from pipeline.commit import DETECTIONS_DIR, IMAGES_DIR
+    from pipeline.segment.write import DETECTIONS_DIR, IMAGES_DIR
 
     for folder in (IMAGES_DIR, DETECTIONS_DIR):
         table = ds.dataset(os.path.join(src, folder), format="parquet").to_table()
@@ -213,7 +214,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--rows", type=int, default=1_000_000)
     p.add_argument("--per-image", type=float, default=15.0, help="mean detections per image (Poisson)")
-    p.add_argument("--unit-size", type=int, default=64, help="images per work unit, i.e. per Parquet file")
+    p.add_argument("--unit-size", type=int, default=2048, help="images per work unit, i.e. per Parquet file")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--layouts", action="store_true", help="also time other file layouts (see the docstring)")
     args = p.parse_args()

@@ -8,7 +8,7 @@ same threads.
 - naive: the script a user would write: for each file, PIL open → tensor → `model([image])`, then every detection's
   full-resolution thresholded mask saved as a PNG and a JSON of boxes/labels/scores per image. Timed from the first
   image to the last file written (model built and warmed up before, as for the bare loop).
-- pipeline: `pipeline.run.segment` end to end on an embedded Ray (already started): plan, actor start and model load,
+- pipeline: `pipeline.segment.run.segment` end to end on an embedded Ray (already started): plan, actor start and model load,
   reads, decode, model, masks pasted/thresholded/RLE-encoded within their boxes, Parquet commits. One actor,
   `--threads` torch threads. Its output bytes: the `images/` and `detections/` data files.
 - profile: one actor's compute path, timed by calling the Segmenter's pieces directly in this process (decode,
@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import io
 import json
 import os
 import sys
@@ -117,38 +118,31 @@ def folder_bytes(path: str, suffix: str = "") -> int:
 def profile_compute_path(
     files: list[str], *, min_size: int, max_size: int, batch_size: int, threads: int, score: float
 ) -> list[tuple[str, float]]:
-    """One actor's compute path on `files`, stage by stage, calling the Segmenter's pieces as `__call__` does.
+    """One actor's compute path on `files`, stage by stage, calling the pieces the actor calls (`Segmenter`,
+    `detections_table` of its `UnitWriter`, Parquet).
 
     Returns `(stage, seconds)`; the last entry is torchvision's own mask paste + `to_detections` on the same model
     outputs, for comparison (not part of the path).
     """
-    import pyarrow as pa
+    import numpy as np
+    import pyarrow.parquet as pq
     import torch
     from torchvision.models.detection.roi_heads import paste_masks_in_image
 
     from model.build import resolve_spec
     from model.decode import decode_image
     from model.postprocess import detections_from_mask_probs, forward_to_mask_probs, to_detections
-    from pipeline.commit import parquet_bytes
-    from pipeline.schema import RESULT_SCHEMA, STATUS_OK, split_results
-    from pipeline.segmenter import Segmenter, to_tensor
+    from pipeline.segment.infer import Segmenter, to_tensor
+    from pipeline.segment.write import ROW_GROUP_ROWS, detections_table
 
     spec = resolve_spec("none", min_size=min_size, max_size=max_size)
-    seg = Segmenter(
-        spec=spec, score_threshold=score, threads=threads, batch_size=batch_size, run_id="profile"
-    )
+    seg = Segmenter(spec=spec, score_threshold=score, threads=threads)
+    names_array = np.array(list(spec.class_names), dtype=object)
     datas = [open(f, "rb").read() for f in files]
     seg.predict([decode_image(datas[0], max_pixels=10**9)])  # warm-up, not timed
     names = ["decode", "model: transform+backbone+rpn+roi_heads", "masks: paste+threshold+RLE in boxes"]
     names += ["Arrow build", "Parquet write (zstd)", "(torchvision's full-image paste + to_detections)"]
     t = dict.fromkeys(names, 0.0)
-    cols = {
-        "image_uri": files,
-        "data": datas,
-        "unit_id": ["000000"] * len(files),
-        "unit_index": list(range(len(files))),
-        "unit_total": [len(files)] * len(files),
-    }
     for start in range(0, len(files), batch_size):
         idx = range(start, min(start + batch_size, len(files)))
         t0 = time.perf_counter()
@@ -162,16 +156,24 @@ def profile_compute_path(
                 for o, img in zip(outputs, images)
             ]
             t3 = time.perf_counter()
-            rows = []
-            for i, img, det in zip(idx, images, dets):
-                row = seg._base_row(cols, i)
-                row.update(status=STATUS_OK, height=img.shape[0], width=img.shape[1], num_detections=len(det))
-                row["detections"] = seg._detection_structs(det)
-                rows.append(row)
-            table = pa.Table.from_pylist(rows, schema=RESULT_SCHEMA)
+            # What the actor's UnitWriter does with them: Arrow columns, then Parquet (zstd).
+            table = (
+                detections_table(
+                    [
+                        (files[i], img.shape[0], img.shape[1], d)
+                        for i, img, d in zip(idx, images, dets)
+                        if len(d)
+                    ],
+                    names_array,
+                    spec.model_id,
+                    "profile",
+                )
+                if any(len(d) for d in dets)
+                else None
+            )
             t4 = time.perf_counter()
-            image_rows, detection_rows = split_results(table)
-            parquet_bytes(image_rows), parquet_bytes(detection_rows)
+            if table is not None:
+                pq.write_table(table, io.BytesIO(), compression="zstd", row_group_size=ROW_GROUP_ROWS)
             t5 = time.perf_counter()
             for o, img in zip(outputs, images):
                 pasted = paste_masks_in_image(o["masks"], o["boxes"], img.shape[:2])
@@ -324,9 +326,9 @@ def main() -> None:
 
     import ray
 
-    from pipeline.config import segment_config
-    from pipeline.run import segment
-    from pipeline.shapes import make_shapes
+    from pipeline.demo.shapes import make_shapes
+    from pipeline.segment.config import segment_config
+    from pipeline.segment.run import segment
 
     work = tempfile.mkdtemp(prefix="bench-segment-")
     make_shapes(work, train=0, val=args.images, seed=7, size=(args.height, args.width))
@@ -361,7 +363,7 @@ def main() -> None:
     results = os.path.join(work, "results")
     cfg = segment_config(
         {
-            "input": {"url": os.path.join(work, "val"), "unit_size": 8},
+            "input": {"url": os.path.join(work, "val")},
             "output": {"url": results},
             "model": {
                 "weights": "none",

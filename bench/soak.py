@@ -97,7 +97,7 @@ def committed(out: Path) -> int:
 
 
 class ActorRss:
-    """Samples (seconds, RSS, USS, inputs committed) of the Segmenter actor among this process's descendants (the
+    """Samples (seconds, RSS, USS, inputs committed) of the SegmentWorker actor among this process's descendants (the
     embedded Ray's workers, so another job's actors on the machine are never counted). RSS counts the pages of Ray's
     shared-memory object store that the actor has touched (its outputs go there); USS, the memory only the actor
     holds, is where a leak would show."""
@@ -121,7 +121,7 @@ class ActorRss:
             mem = None
             for p in me.children(recursive=True):
                 try:
-                    if "Segmenter" in " ".join(p.cmdline()):
+                    if "SegmentWorker" in " ".join(p.cmdline()):
                         mem = p.memory_full_info()
                 except psutil.Error:
                     continue
@@ -139,7 +139,7 @@ class ActorRss:
         done), at the end and at peak; least-squares slopes after the start, in MiB per minute and per 1000 images
         (inputs committed)."""
         if not self.samples:
-            raise SystemExit("no Segmenter actor process was found to sample")
+            raise SystemExit("no SegmentWorker actor process was found to sample")
         steady = [s for s in self.samples if s[3] > 0] or self.samples
         out = {}
         for k, name in ((1, "rss"), (2, "uss")):
@@ -168,8 +168,8 @@ def soak(args, images_dir: Path, weights: str, work: Path) -> tuple[float, float
     import ray
     import ray.data
 
-    from pipeline.config import segment_config
-    from pipeline.run import segment
+    from pipeline.segment.config import segment_config
+    from pipeline.segment.run import segment
 
     os.environ["PYTHONPATH"] = os.pathsep.join([str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])])
     ray.init(num_cpus=args.threads, include_dashboard=False, logging_level="ERROR")

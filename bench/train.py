@@ -66,9 +66,9 @@ def main() -> None:
 
     import ray
 
-    from pipeline.shapes import make_shapes
-    from pipeline.train import loop_config, run_training
-    from pipeline.train_config import train_config
+    from pipeline.demo.shapes import make_shapes
+    from pipeline.train.config import train_config
+    from pipeline.train.run import loop_config, run_training
 
     model = {"weights": "none", "min_size": [args.min_size], "max_size": args.min_size * 2}
     if args.model_from:

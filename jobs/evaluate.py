@@ -17,8 +17,8 @@ from _cli import EXIT_OK, run_main
 
 from pipeline.config import StorageConfig
 from pipeline.errors import JobError, describe_storage_error
-from pipeline.evaluate import evaluate_results, load_ground_truth
-from pipeline.results import open_results
+from pipeline.results.evaluate import evaluate_results, load_ground_truth
+from pipeline.results.open import open_results
 
 
 def main() -> int:

@@ -10,7 +10,7 @@ import argparse
 import _cli  # noqa: F401  (puts the repo root on sys.path)
 from _cli import EXIT_OK, run_main
 
-from pipeline.shapes import make_shapes
+from pipeline.demo.shapes import make_shapes
 
 
 def main() -> int:

@@ -22,7 +22,8 @@ import _cli  # noqa: F401  (puts the repo root on sys.path)
 from _cli import EXIT_OK, run_main
 
 from pipeline.config import StorageConfig
-from pipeline.query import (
+from pipeline.results.open import Results, open_results
+from pipeline.results.query import (
     FORMATS,
     format_summary,
     render,
@@ -32,7 +33,6 @@ from pipeline.query import (
     write_csv,
     write_table,
 )
-from pipeline.results import Results, open_results
 
 TABLE_ROWS = 100  # rows printed by `sql --format table` unless --limit says otherwise
 

@@ -17,8 +17,8 @@ import os
 import _cli  # noqa: F401  (puts the repo root on sys.path)
 from _cli import EXIT_OK, init_ray, load_config_dict, run_main
 
-from pipeline.config import segment_config
 from pipeline.errors import JobError
+from pipeline.segment.config import segment_config
 
 DEMO_DIR = "demo"
 DEMO_TRAIN_IMAGES, DEMO_VAL_IMAGES = 600, 100
@@ -54,7 +54,11 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", help="fsspec URL of the results folder/prefix")
     p.add_argument("--config", help="YAML file (see configs/segment_archive.yaml)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
-    p.add_argument("--ray-address", help="Ray cluster to join (default: $RAY_ADDRESS, else an embedded Ray)")
+    p.add_argument(
+        "--ray-address",
+        help="Ray cluster to join: host:port or ray://host:port; `auto` joins the cluster recorded on this machine "
+        "by `ray start` (default: an embedded local Ray; under `ray job submit`, $RAY_ADDRESS is used)",
+    )
     p.add_argument(
         "--demo",
         action="store_true",
@@ -89,10 +93,10 @@ def main() -> int:
     if args.demo:
         return _demo(cfg, args)
 
-    from pipeline.run import segment
+    from pipeline.segment.run import segment
 
-    init_ray(args.ray_address)
-    summary = segment(cfg)
+    # Ray starts (or is joined) only when there is work for it: a finished run's re-run never waits for it.
+    summary = segment(cfg, connect=lambda: init_ray(args.ray_address))
     print("\n".join(summary.lines()))
     if not summary.complete:
         raise JobError(
@@ -103,8 +107,8 @@ def main() -> int:
 
 
 def _demo(cfg, args) -> int:
-    from pipeline.demo import run_demo
-    from pipeline.train_config import train_config
+    from pipeline.demo.run import run_demo
+    from pipeline.train.config import train_config
 
     preset = load_config_dict(DEMO_TRAIN_CONFIG, [])
     _cli._merge(preset, _cli._deep_copy(DEMO_TRAIN_OVERRIDES))

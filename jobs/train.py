@@ -14,18 +14,22 @@ import argparse
 import _cli  # noqa: F401  (puts the repo root on sys.path)
 from _cli import EXIT_OK, init_ray, load_config_dict, run_main
 
-from pipeline.train_config import train_config
+from pipeline.train.config import train_config
 
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", help="YAML file (see configs/train.yaml)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
-    p.add_argument("--ray-address", help="Ray cluster to join (default: $RAY_ADDRESS, else an embedded Ray)")
+    p.add_argument(
+        "--ray-address",
+        help="Ray cluster to join: host:port or ray://host:port; `auto` joins the cluster recorded on this machine "
+        "by `ray start` (default: an embedded local Ray; under `ray job submit`, $RAY_ADDRESS is used)",
+    )
     args = p.parse_args()
     cfg = train_config(load_config_dict(args.config, args.set))  # every key checked before any work starts
 
-    from pipeline.train import run_training
+    from pipeline.train.run import run_training
 
     init_ray(args.ray_address)
     summary = run_training(cfg)

@@ -1,8 +1,9 @@
-"""Typed, validated configuration of the segment job: frozen dataclasses built from a plain dict.
+"""Configuration machinery shared by the jobs: a nested dict checked against frozen dataclasses, storage options,
+and redaction of credentials.
 
-Parsing files (YAML) and command-line overrides happens in `jobs/`; this module only checks a nested dict against the
-dataclasses below. Every error names the dotted key and what is allowed, and is raised before any work starts.
-Every key is documented in `configs/segment_archive.yaml`.
+Parsing files (YAML) and command-line overrides happens in `jobs/`; each job's dataclasses live with its code
+(`pipeline.segment.config`, `pipeline.train.config`). Every error names the dotted key and what is allowed, and is
+raised before any work starts.
 """
 
 from __future__ import annotations
@@ -65,62 +66,6 @@ class StorageConfig:
         return opts
 
 
-@dataclasses.dataclass(frozen=True)
-class InputConfig:
-    url: str | None = None
-    max_pixels: int = 100_000_000
-    unit_size: int = 64
-    storage: StorageConfig = dataclasses.field(default_factory=StorageConfig)
-
-    def storage_options(self) -> dict[str, Any]:
-        return self.storage.options_for(self.url or "")
-
-
-@dataclasses.dataclass(frozen=True)
-class OutputConfig:
-    url: str | None = None
-    mode: Literal["resume", "overwrite"] = "resume"
-    storage: StorageConfig = dataclasses.field(default_factory=StorageConfig)
-
-    def storage_options(self) -> dict[str, Any]:
-        return self.storage.options_for(self.url or "")
-
-
-@dataclasses.dataclass(frozen=True)
-class ModelConfig:
-    weights: str = "DEFAULT"
-    min_size: int | None = None  # None ("auto"): the checkpoint's own, else torchvision's 800
-    max_size: int | None = None  # None ("auto"): the checkpoint's own, else torchvision's 1333
-    score_threshold: float = 0.5
-    max_detections: int = 100
-    batch_size: int | None = None  # None ("auto"): 1 on CPU actors, 4 on GPUs (measured: BENCHMARKS.md)
-    device: Literal["auto", "cpu", "cuda"] = "auto"
-    storage: StorageConfig = dataclasses.field(default_factory=StorageConfig)
-
-    def storage_options(self) -> dict[str, Any]:
-        return self.storage.options_for(self.weights)
-
-
-@dataclasses.dataclass(frozen=True)
-class ComputeConfig:
-    min_actors: int | None = None
-    max_actors: int | None = None
-    gpus_per_actor: float | None = None
-    cpus_per_actor: float | None = None
-    threads_per_actor: int | None = None
-    read_cpus: float = 0.25
-
-
-@dataclasses.dataclass(frozen=True)
-class SegmentConfig:
-    input: InputConfig = dataclasses.field(default_factory=InputConfig)
-    output: OutputConfig = dataclasses.field(default_factory=OutputConfig)
-    model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
-    compute: ComputeConfig = dataclasses.field(default_factory=ComputeConfig)
-    on_image_error: Literal["record", "raise"] = "record"
-    progress_interval_s: float = 10.0
-
-
 # --- generic dict → dataclass validation -------------------------------------------------------------------------
 
 # Fields whose "auto" (or null) means "decide from the cluster / checkpoint"; see configs/segment_archive.yaml.
@@ -175,11 +120,11 @@ def _coerce(tp: Any, value: Any, key: str) -> Any:
         raise ConfigError(f"{key}: expected true or false, got {value!r}")
     if tp is int:
         if isinstance(value, int) and not isinstance(value, bool):
-            return _check_range(key, value)
+            return value
         raise ConfigError(f"{key}: expected an integer, got {value!r}")
     if tp is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return _check_range(key, float(value))
+            return float(value)
         raise ConfigError(f"{key}: expected a number, got {value!r}")
     if tp is str:
         if isinstance(value, str) and value:
@@ -188,49 +133,15 @@ def _coerce(tp: Any, value: Any, key: str) -> Any:
     raise TypeError(f"unsupported config type {tp}")
 
 
-# Value ranges that a type alone cannot express.
-_RANGES: dict[str, tuple[float, float]] = {
-    "input.max_pixels": (1, float("inf")),
-    "input.unit_size": (1, 1_000_000),
-    "model.min_size": (32, 10_000),
-    "model.max_size": (32, 20_000),
-    "model.score_threshold": (0.0, 1.0),
-    "model.max_detections": (1, 10_000),
-    "model.batch_size": (1, 1024),
-    "compute.min_actors": (1, 100_000),
-    "compute.max_actors": (1, 100_000),
-    "compute.gpus_per_actor": (0.0, 64.0),
-    "compute.cpus_per_actor": (0.0, 1024.0),
-    "compute.threads_per_actor": (1, 1024),
-    "compute.read_cpus": (0.01, 64.0),
-    "progress_interval_s": (0.1, 86_400.0),
-}
-
-
-def _check_range(key: str, value: float) -> Any:
-    lo, hi = _RANGES.get(key, (float("-inf"), float("inf")))
-    if not lo <= value <= hi:
-        raise ConfigError(f"{key}: expected a value in [{lo:g}, {hi:g}], got {value!r}")
-    return value
-
-
-def segment_config(data: dict | None) -> SegmentConfig:
-    """Validate a full segment-job config dict (defaults filled in) and the rules that span keys."""
-    cfg: SegmentConfig = from_dict(SegmentConfig, data)
-    if not cfg.input.url:
-        raise ConfigError("input.url: required (give --input URL or set input.url)")
-    if not cfg.output.url:
-        raise ConfigError("output.url: required (give --output URL or set output.url)")
-    m, c = cfg.model, cfg.compute
-    if m.min_size and m.max_size and m.max_size < m.min_size:
-        raise ConfigError(f"model.max_size: must be >= model.min_size ({m.min_size}), got {m.max_size}")
-    if c.min_actors and c.max_actors and c.max_actors < c.min_actors:
-        raise ConfigError(
-            f"compute.max_actors: must be >= compute.min_actors ({c.min_actors}), got {c.max_actors}"
-        )
-    if m.device == "cuda" and c.gpus_per_actor == 0:
-        raise ConfigError("compute.gpus_per_actor: must be > 0 (or auto) when model.device is 'cuda'")
-    return cfg
+def check_ranges(cfg: Any, ranges: dict[str, tuple[float, float]]) -> None:
+    """Value ranges that a type alone cannot express: `ranges` maps a dotted key to its inclusive bounds; unset
+    (None, "auto") values pass."""
+    for key, (lo, hi) in ranges.items():
+        value: Any = cfg
+        for part in key.split("."):
+            value = getattr(value, part)
+        if value is not None and not lo <= value <= hi:
+            raise ConfigError(f"{key}: expected a value in [{lo:g}, {hi:g}], got {value!r}")
 
 
 def redacted(obj: Any) -> Any:

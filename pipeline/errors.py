@@ -29,3 +29,23 @@ def describe_storage_error(url: str, exc: BaseException) -> str:
         cause = name
     detail = text[:300]
     return f"{url}: {cause}" + (f" ({detail})" if detail and detail.lower() != cause else "")
+
+
+def root_cause(exc: BaseException) -> BaseException:
+    """The innermost error of an exception chain. Ray wraps a task's error several times (with its traceback in the
+    message); the innermost one carries the reason to show, e.g. a worker's own `JobError`."""
+    seen: set[int] = set()
+    while id(exc) not in seen:
+        seen.add(id(exc))
+        inner = getattr(exc, "cause", None) or exc.__cause__
+        if inner is None:
+            break
+        exc = inner
+    return exc
+
+
+def one_line(exc: BaseException) -> str:
+    """An error's own message as one line. Ray appends notes (retry hints) to the message of an error it carries
+    between processes; ours are one line by construction, so the first line is the reason."""
+    text = str(exc.args[0]) if exc.args else str(exc)
+    return text.splitlines()[0] if text else type(exc).__name__

@@ -5,7 +5,7 @@ and connection errors, waiting up to 1, 2, 4, 8 s) and s3fs (5 more rounds on `S
 bodies cut short). What they give up on reaches the job after ~10 s: a throttling or 5xx spell that lasts longer.
 Without a retry of its own, an input read would become a permanent `read failed` error row and a result write would
 fail the job. So the job's storage calls go through `call` (per-input reads and tar shards through their own loops
-in `pipeline.sources`), which tries `ATTEMPTS` more times, `BASE_DELAY_S` x 2^n apart (n = 0, 1, ...; at most
+in `pipeline.segment.plan`), which tries `ATTEMPTS` more times, `BASE_DELAY_S` x 2^n apart (n = 0, 1, ...; at most
 `MAX_DELAY_S`; with jitter, so that many read tasks do not retry in step).
 
 Permanent errors (not found, access denied, bad credentials, a bucket that does not exist, an endpoint where nothing

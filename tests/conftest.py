@@ -94,8 +94,18 @@ def png_bytes(arr: np.ndarray, mode: str | None = None, **save) -> bytes:
 @pytest.fixture(scope="session")
 def shapes_dir(tmp_path_factory):
     """A small generated shapes dataset on disk (12 val images) shared by tests that only read it."""
-    from pipeline.shapes import make_shapes
+    from pipeline.demo.shapes import make_shapes
 
     root = tmp_path_factory.mktemp("shapes")
     make_shapes(str(root), train=0, val=12, seed=1, size=(96, 128))
     return root
+
+
+def plan_units(refs, *, plan_url: str, unit_size: int):
+    """Plan `refs` (InputRefs) under `plan_url` as the job does; returns the plan's units (all pending)."""
+    from pipeline.segment.plan import Unit, expand_part, pending_parts, plan_inputs, write_index
+
+    parts = plan_inputs(refs, plan_url=plan_url, unit_size=unit_size)
+    plan = write_index(plan_url, parts, unit_size=unit_size, skipped={})
+    items = pending_parts(plan, np.zeros(plan.units, dtype=bool))
+    return [Unit(**u) for item in items for u in expand_part(item, plan_url=plan.url, unit_size=unit_size)]

@@ -16,12 +16,12 @@ import pytest
 from PIL import Image
 
 from model.decode import decode_image
-from pipeline.config import segment_config
-from pipeline.query import masks, sql
-from pipeline.results import open_results
-from pipeline.run import segment
+from pipeline.results.open import open_results
+from pipeline.results.query import masks, sql
+from pipeline.segment.config import segment_config
+from pipeline.segment.run import segment
 from tests.conftest import TINY_MODEL
-from tests.pipeline.test_query import build_results
+from tests.pipeline.results.test_query import build_results
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 SCRIPT = os.path.join(ROOT, "jobs", "query.py")

@@ -14,7 +14,7 @@ from model.data import (
     load_coco,
     segmentation_to_mask,
 )
-from pipeline.shapes import make_shapes
+from pipeline.demo.shapes import make_shapes
 
 
 def _uncompressed_rle(mask: np.ndarray) -> dict:

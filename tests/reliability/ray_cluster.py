@@ -25,8 +25,8 @@ import psutil
 from ray._private import ray_constants
 from ray.cluster_utils import Cluster
 
-# Ray titles an actor process after its class: "ray::MapWorker(MapBatches(Segmenter))".
-ACTOR_MARK = "MapBatches(Segmenter)"
+# Ray titles an actor process after its class: "ray::MapWorker(MapBatches(SegmentWorker))".
+ACTOR_MARK = "MapBatches(SegmentWorker)"
 
 
 def actors_on(node) -> int:

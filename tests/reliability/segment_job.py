@@ -119,8 +119,16 @@ class Job(SessionJob):
     starts its own embedded Ray (as `python jobs/segment_archive.py` does for a user); with one it joins that
     cluster, as it does under `ray job submit`. A job that ends, by itself or killed, must leave no Ray behind."""
 
-    def __init__(self, inputs: Path, out: Path, logs: Path, name: str, ray_address: str | None = None):
-        sets = [f"model.{k}={v}" for k, v in TINY_MODEL.items()]
+    def __init__(
+        self,
+        inputs: Path,
+        out: Path | str,
+        logs: Path,
+        name: str,
+        ray_address: str | None = None,
+        sets: list[str] = (),
+    ):
+        sets = [f"model.{k}={v}" for k, v in TINY_MODEL.items()] + list(sets)
         sets += [f"input.unit_size={UNIT_SIZE}", "model.batch_size=1", "progress_interval_s=1"]
         args = ["--input", str(inputs), "--output", str(out), *[a for s in sets for a in ("--set", s)]]
         if ray_address:
@@ -150,10 +158,11 @@ def assert_commits_are_complete(out: Path) -> None:
         assert (images.num_rows, dets.num_rows) == (record["images"], record["detections"]), unit
 
 
-def assert_exactly_once(out: Path, expected_uris: list[str]) -> dict[str, dict]:
-    """Every input has exactly one `images` row and its detections exactly once; returns the rows by URI."""
-    images = pads.dataset(str(out / "images"), format="parquet").to_table().to_pylist()
-    dets = pads.dataset(str(out / "detections"), format="parquet").to_table().to_pylist()
+def assert_exactly_once(out: Path | str, expected_uris: list[str], filesystem=None) -> dict[str, dict]:
+    """Every input has exactly one `images` row and its detections exactly once; returns the rows by URI. `out`: a
+    local folder, or a path on `filesystem` (e.g. `bucket/prefix` on an s3fs filesystem)."""
+    images = pads.dataset(f"{out}/images", format="parquet", filesystem=filesystem).to_table().to_pylist()
+    dets = pads.dataset(f"{out}/detections", format="parquet", filesystem=filesystem).to_table().to_pylist()
     assert sorted(r["image_uri"] for r in images) == sorted(expected_uris)  # each input exactly once
     by_uri = {r["image_uri"]: r for r in images}
     instances = Counter((d["image_uri"], d["instance"]) for d in dets)

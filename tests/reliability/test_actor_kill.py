@@ -9,8 +9,8 @@ import time
 import psutil
 import pyarrow.dataset as pads
 
-from pipeline.config import segment_config
-from pipeline.run import segment
+from pipeline.segment.config import segment_config
+from pipeline.segment.run import segment
 from tests.conftest import TINY_MODEL
 
 
@@ -20,7 +20,7 @@ def kill_actor_after_first_commit(out_dir: str, killed: list) -> None:
     while time.time() < deadline and not (os.path.isdir(committed) and os.listdir(committed)):
         time.sleep(0.05)
     for proc in psutil.process_iter(["cmdline"]):
-        if "MapBatches(Segmenter)" in " ".join(proc.info.get("cmdline") or []):
+        if "MapBatches(SegmentWorker)" in " ".join(proc.info.get("cmdline") or []):
             proc.send_signal(signal.SIGKILL)
             killed.append(proc.pid)
 

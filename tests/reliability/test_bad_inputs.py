@@ -25,10 +25,11 @@ import pyarrow.dataset as pads
 import pytest
 from PIL import Image
 
-from pipeline.config import segment_config
-from pipeline.run import segment
-from pipeline.sources import iter_inputs, plan_units, read_unit
-from tests.conftest import TINY_MODEL
+from pipeline.segment.config import segment_config
+from pipeline.segment.plan import iter_inputs
+from pipeline.segment.read import read_inputs
+from pipeline.segment.run import segment
+from tests.conftest import TINY_MODEL, plan_units
 
 MAX_PIXELS = 1_000_000
 RNG_SEED = 7
@@ -224,8 +225,10 @@ def outcome(ray_local, moto_server, tmp_path_factory) -> Outcome:
         }
     )
     summary = segment(cfg, log=on_log)
-    plan = "".join(p.read_text() for p in sorted((out / "_plan").glob("unit-*.tsv")))
-    assert f"s3://{bucket}/corpus/gone.jpg\t" in plan  # listed while it existed
+    planned = pads.dataset(sorted(str(p) for p in (out / "_plan").glob("files-*.parquet"))).to_table()
+    assert (
+        f"s3://{bucket}/corpus/gone.jpg" in planned.column("read_url").to_pylist()
+    )  # listed while it existed
     rows = pads.dataset(str(out / "images"), format="parquet").to_table().to_pylist()
     dets = pads.dataset(str(out / "detections"), format="parquet").to_table().to_pylist()
     s3fs.S3FileSystem.clear_instance_cache()
@@ -255,7 +258,7 @@ def test_input(outcome, case):
         assert row["height"] is None and row["width"] is None and row["num_detections"] == 0
 
 
-# --- the same read failures on local files, at the read task (what a Ray read task runs), without Ray -------------
+# --- the same read failures on local files, at the read stage (what an actor runs), without Ray -------------
 
 
 def test_local_file_deleted_after_planning_and_unreadable_file(tmp_path):
@@ -269,17 +272,15 @@ def test_local_file_deleted_after_planning_and_unreadable_file(tmp_path):
     try:
         # root reads a mode-000 file anyway; then the S3 case above is what covers "access denied".
         denied = not os.access(root / "locked.jpg", os.R_OK)
-        rows = {r["image_uri"]: r for t in read_unit(units[0]) for r in t.to_pylist()}
+        rows = {r.image_uri: r for r in read_inputs(units[0])}
     finally:
         (root / "locked.jpg").chmod(0o644)
     assert len(rows) == 4  # the deleted file was planned: it still has its row
-    assert rows[str(root / "gone.jpg")]["read_error"].startswith(
-        f"read failed: {root / 'gone.jpg'}: not found"
-    )
+    assert rows[str(root / "gone.jpg")].error.startswith(f"read failed: {root / 'gone.jpg'}: not found")
     locked = rows[str(root / "locked.jpg")]
     if denied:
-        assert locked["read_error"].startswith(f"read failed: {root / 'locked.jpg'}: access denied")
+        assert locked.error.startswith(f"read failed: {root / 'locked.jpg'}: access denied")
     else:
-        assert locked["read_error"] is None and locked["data"] == _jpeg
-    assert rows[str(root / "café ñ 日本 [1] #2.png")]["data"] == _png
-    assert rows[str(root / "my holiday photo.jpg")]["data"] == _jpeg
+        assert locked.error is None and locked.data == _jpeg
+    assert rows[str(root / "café ñ 日本 [1] #2.png")].data == _png
+    assert rows[str(root / "my holiday photo.jpg")].data == _jpeg

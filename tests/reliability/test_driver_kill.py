@@ -36,14 +36,14 @@ def test_driver_killed_at_any_moment_resumes_exactly_once(shapes_dir, tmp_path):
 
     # 1. Killed right after the plan is written, before any unit is committed.
     job = Job(inputs, out, logs, "1-plan")
-    job.kill_when(lambda: (out / "_plan" / "units.jsonl").exists(), "the plan index")
+    job.kill_when(lambda: (out / "_plan" / "index.json").exists(), "the plan index")
     assert not committed(out)
 
     # 2. Killed after the first unit commit of the next run (which must reuse the plan, not list again).
-    plan_mtime = (out / "_plan" / "units.jsonl").stat().st_mtime_ns
+    plan_mtime = (out / "_plan" / "index.json").stat().st_mtime_ns
     job = Job(inputs, out, logs, "2-first-commit")
     job.kill_when(lambda: len(committed(out)) >= 1, "the first unit commit")
-    assert (out / "_plan" / "units.jsonl").stat().st_mtime_ns == plan_mtime
+    assert (out / "_plan" / "index.json").stat().st_mtime_ns == plan_mtime
     assert_commits_are_complete(out)
     before = committed(out)
 
@@ -64,7 +64,7 @@ def test_driver_killed_at_any_moment_resumes_exactly_once(shapes_dir, tmp_path):
     assert skipped, job.output()
     assert (int(skipped[1]), int(skipped[2])) == (len(before), inputs_done) and inputs_done > 0
     assert f"images: {len(expected_uris)} ({len(expected_uris) - 1} ok, 1 error)" in stdout, job.output()
-    assert committed(out) == {f"{i:06d}" for i in range(n_units)}
+    assert committed(out) == {f"{i:08d}" for i in range(n_units)}
     assert (out / "_SUCCESS.json").exists()
 
     by_uri = assert_exactly_once(out, expected_uris)

@@ -90,7 +90,7 @@ def test_lost_node_loses_no_image(shapes_dir, tmp_path):
 
     stdout = job.stdout
     assert f"images: {len(expected_uris)} ({len(expected_uris)} ok, 0 error)" in stdout, job.output()
-    assert committed(out) == {f"{i:06d}" for i in range(n_units)}
+    assert committed(out) == {f"{i:08d}" for i in range(n_units)}
     assert (out / "_SUCCESS.json").exists()
     assert_commits_are_complete(out)
     assert_exactly_once(out, expected_uris)

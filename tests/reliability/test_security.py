@@ -22,9 +22,9 @@ import pytest
 import torch
 
 from model.checkpoint import FORMAT, CheckpointError, load_checkpoint
-from pipeline.config import segment_config
 from pipeline.errors import JobError
-from pipeline.run import segment
+from pipeline.segment.config import segment_config
+from pipeline.segment.run import segment
 from tests.conftest import TINY_MODEL, jpeg_bytes
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -229,8 +229,9 @@ def test_no_input_name_writes_outside_output(ray_local, tmp_path):
     assert status[f"/no-such-{tag}.jpg"][1].startswith(f"read failed: /no-such-{tag}.jpg: not found")
     assert all(s == "ok" for u, (s, _) in status.items() if "no-such" not in u)
     # The output holds only names the job makes from unit ids, never from input names.
-    allowed = ("images/part-", "detections/part-", "_committed/", "_plan/unit-", "_plan/units.jsonl")
+    allowed = ("images/part-", "detections/part-", "_committed/", "_stats/", "_plan/files-", "_plan/tars-")
     for path in out.rglob("*"):
         rel = path.relative_to(out).as_posix()
-        assert path.is_dir() or rel in ("_config.json", "_SUCCESS.json") or rel.startswith(allowed), rel
+        names = ("_config.json", "_SUCCESS.json", "_lease.json", "_plan/index.json")
+        assert path.is_dir() or rel in names or rel.startswith(allowed), rel
         assert tag not in rel

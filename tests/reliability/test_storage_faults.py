@@ -6,200 +6,38 @@ completes with exactly one ok row per input. Permanent ones (a bucket that does 
 policy, an endpoint where nothing listens) end the CLI with exit status 1 and ONE line `error: ... <url>: <cause>`,
 and nothing claims completion: no `_SUCCESS.json`, and every `_committed/` record's files are whole.
 
-The proxy (`FaultyS3`) forwards each request to moto unless a rule (`Fault`) picks it. A rule picks a share of the
-distinct requests it matches (method + path + query), by a seeded hash of the request, so which requests fail does not
-depend on thread timing or on how Ray schedules its tasks; a picked request fails its first `times` attempts, then
-goes through. Kinds of failure: `slowdown` (503 with S3's SlowDown body), `internal` (500 InternalError), `drop` (the
-connection closed after the request is read, no answer), `cut` (the headers promise the whole body, half is sent).
+The proxy (`tests/s3proxy.FaultyS3`) forwards each request to moto unless a rule (`Fault`) picks it; see there for the
+kinds of failure and how requests are picked.
 """
 
 from __future__ import annotations
 
-import collections
-import dataclasses
-import hashlib
-import http.client
-import http.server
 import io
 import json
 import os
 import re
-import socket
 import subprocess
 import sys
 import tarfile
 import tempfile
 import threading
 import time
-import urllib.parse
 from pathlib import Path
 
 import pyarrow.dataset as pads
 import pytest
 
 from pipeline import retry
-from pipeline.config import segment_config
 from pipeline.errors import JobError
-from pipeline.run import segment
-from pipeline.sources import WorkUnit, iter_inputs, read_unit
-from tests.conftest import TINY_MODEL, free_port, jpeg_bytes
+from pipeline.segment.config import segment_config
+from pipeline.segment.plan import InputRef, iter_inputs
+from pipeline.segment.read import read_inputs
+from pipeline.segment.run import segment
+from tests.conftest import TINY_MODEL, free_port, jpeg_bytes, plan_units
+from tests.s3proxy import KINDS, Fault, FaultyS3
 
 ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = ROOT / "jobs" / "segment_archive.py"
-
-# --- the fault-injecting proxy ---------------------------------------------------------------------------------------
-
-KINDS = ("slowdown", "internal", "drop", "cut")
-_ERROR_BODY = (
-    '<?xml version="1.0" encoding="UTF-8"?>\n<Error><Code>{code}</Code><Message>{message}</Message>'
-    "<RequestId>fault-injected</RequestId></Error>"
-)
-_STATUS = {
-    "slowdown": (503, "SlowDown", "Please reduce your request rate."),
-    "internal": (500, "InternalError", "We encountered an internal error. Please try again."),
-}
-_HOP_BY_HOP = {
-    "connection",
-    "keep-alive",
-    "transfer-encoding",
-    "te",
-    "trailer",
-    "upgrade",
-    "proxy-connection",
-}
-
-
-@dataclasses.dataclass(frozen=True)
-class Fault:
-    method: str  # "GET", "PUT", "HEAD", ... or "*"
-    path: str  # regex searched in the request's path + query (a LIST is `GET /bucket?list-type=2&prefix=...`)
-    share: float = 1.0  # fraction of the distinct matching requests that fail
-    times: int = 1  # attempts of a picked request that fail before it goes through
-    kinds: tuple[str, ...] = KINDS
-
-
-class FaultyS3:
-    """A threaded HTTP proxy on 127.0.0.1 in front of `upstream` (moto), failing the requests that `faults` pick."""
-
-    def __init__(self, upstream: str, faults: list[Fault], *, seed: int = 0):
-        parsed = urllib.parse.urlsplit(upstream)
-        self.upstream = (parsed.hostname, parsed.port)
-        self.faults, self.seed = list(faults), seed
-        self.requests = 0  # attempts seen, all methods
-        self.injected: collections.Counter = collections.Counter()  # rule index -> faults injected
-        self.kinds: collections.Counter = collections.Counter()  # kind -> faults injected
-        self._attempts: collections.Counter = collections.Counter()  # request key -> attempts seen
-        self._lock = threading.Lock()
-        self._server = _QuietServer(("127.0.0.1", 0), self._handler_class())
-        self.endpoint = f"http://127.0.0.1:{self._server.server_address[1]}"
-
-    def __enter__(self) -> FaultyS3:
-        threading.Thread(target=self._server.serve_forever, daemon=True).start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._server.shutdown()
-        self._server.server_close()
-
-    @property
-    def total_injected(self) -> int:
-        return sum(self.injected.values())
-
-    def decide(self, method: str, target: str) -> str | None:
-        """The kind of failure for this attempt of this request, or None to forward it."""
-        key = f"{method} {target}"
-        with self._lock:
-            self.requests += 1
-            attempt = self._attempts[key]
-            self._attempts[key] += 1
-            for i, rule in enumerate(self.faults):
-                if rule.method not in ("*", method) or not re.search(rule.path, target):
-                    continue
-                digest = hashlib.sha256(f"{self.seed}|{i}|{key}".encode()).digest()
-                if int.from_bytes(digest[:8], "big") / 2**64 >= rule.share or attempt >= rule.times:
-                    continue
-                kinds = [k for k in rule.kinds if k != "cut" or method == "GET"] or ["internal"]
-                kind = kinds[(digest[8] + attempt) % len(kinds)]
-                self.injected[i] += 1
-                self.kinds[kind] += 1
-                return kind
-        return None
-
-    def _handler_class(self):
-        proxy = self
-
-        class Handler(http.server.BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"  # keep-alive, as S3 clients expect
-
-            def log_message(self, *args) -> None:
-                pass
-
-            def _body(self) -> bytes:
-                if self.headers.get("Transfer-Encoding", "").lower() == "chunked":
-                    parts = []
-                    while size := int(self.rfile.readline().split(b";")[0].strip(), 16):
-                        parts.append(self.rfile.read(size))
-                        self.rfile.readline()
-                    while self.rfile.readline() not in (b"\r\n", b"\n", b""):
-                        pass  # trailers
-                    return b"".join(parts)
-                return self.rfile.read(int(self.headers.get("Content-Length") or 0))
-
-            def _hang_up(self) -> None:
-                self.close_connection = True
-                self.connection.shutdown(socket.SHUT_RDWR)
-
-            def _handle(self) -> None:
-                body = self._body()
-                kind = proxy.decide(self.command, self.path)
-                if kind == "drop":
-                    return self._hang_up()
-                if kind in _STATUS:
-                    status, code, message = _STATUS[kind]
-                    data = (
-                        b""
-                        if self.command == "HEAD"
-                        else _ERROR_BODY.format(code=code, message=message).encode()
-                    )
-                    self.send_response(status)
-                    self.send_header("Content-Type", "application/xml")
-                    self.send_header("Content-Length", str(len(data)))
-                    self.end_headers()
-                    self.wfile.write(data)
-                    return
-                headers = {k: v for k, v in self.headers.items() if k.lower() not in _HOP_BY_HOP}
-                headers.pop("Content-Length", None)  # http.client sets it from the body
-                upstream = http.client.HTTPConnection(*proxy.upstream, timeout=60)
-                try:
-                    upstream.request(self.command, self.path, body=body, headers=headers)
-                    resp = upstream.getresponse()
-                    data = resp.read()
-                finally:
-                    upstream.close()
-                self.send_response(resp.status, resp.reason)
-                for k, v in resp.getheaders():
-                    if k.lower() not in _HOP_BY_HOP and k.lower() != "content-length":
-                        self.send_header(k, v)
-                length = resp.getheader("Content-Length") if self.command == "HEAD" else str(len(data))
-                self.send_header("Content-Length", length or "0")
-                self.end_headers()
-                if kind == "cut" and len(data) > 1:
-                    self.wfile.write(data[: len(data) // 2])
-                    self.wfile.flush()
-                    return self._hang_up()
-                self.wfile.write(data)
-
-            do_GET = do_PUT = do_POST = do_DELETE = do_HEAD = _handle
-
-        return Handler
-
-
-class _QuietServer(http.server.ThreadingHTTPServer):
-    daemon_threads = True
-
-    def handle_error(self, request, client_address) -> None:
-        pass  # a hung-up connection is the point, not news
-
 
 # --- what is transient -----------------------------------------------------------------------------------------------
 
@@ -284,20 +122,12 @@ def test_reads_that_outlast_the_libraries_retries_are_retried_not_error_rows(
     """Bodies cut short 6 times in a row: s3fs gives up after 5. Without `pipeline.retry` that is a `read failed`
     row (a loose file) or a broken-off shard; with it, every input is read whole. Read tasks' code, without Ray."""
     bucket = archive
-    plan = tmp_path / "unit-000000.tsv"
-    plan.write_text(
-        "".join(f"s3://{bucket}/archive/photos/{n}\ts3://{bucket}/archive/photos/{n}\n" for n in PHOTOS[:3])
-    )
-    units = [
-        WorkUnit("000000", "files", str(plan), "", 3),
-        WorkUnit(
-            "000001",
-            "tar",
-            f"s3://{bucket}/archive/shards/s0.tar",
-            f"s3://{bucket}/archive/shards/s0.tar",
-            -1,
-        ),
+    refs = [
+        InputRef("file", f"s3://{bucket}/archive/photos/{n}", f"s3://{bucket}/archive/photos/{n}")
+        for n in PHOTOS[:3]
     ]
+    shard = f"s3://{bucket}/archive/shards/s0.tar"
+    units = plan_units([*refs, InputRef("tar", shard, shard)], plan_url=str(tmp_path / "plan"), unit_size=3)
     faults = [
         Fault("GET", r"/photos/p01\.jpg$", times=6, kinds=("cut",)),
         Fault("GET", r"/s0\.tar$", times=6, kinds=("cut",)),
@@ -308,15 +138,13 @@ def test_reads_that_outlast_the_libraries_retries_are_retried_not_error_rows(
 
         s3fs.S3FileSystem.clear_instance_cache()
         opts = {"client_kwargs": {"endpoint_url": proxy.endpoint}}
-        return {
-            r["image_uri"]: r for u in units for t in read_unit(u, input_options=opts) for r in t.to_pylist()
-        }
+        return {r.image_uri: r for u in units for r in read_inputs(u, input_options=opts)}
 
     monkeypatch.setattr(retry, "ATTEMPTS", 0)  # only the libraries' own retries
     with FaultyS3(moto_server, faults) as proxy:
         rows = read_all(proxy)
     assert proxy.injected[0] == proxy.injected[1] == 5  # s3fs's five tries, each cut
-    broken = {u: r["read_error"] for u, r in rows.items() if r["read_error"]}
+    broken = {u: r.error for u, r in rows.items() if r.error}
     assert broken[f"s3://{bucket}/archive/photos/p01.jpg"].startswith(
         f"read failed: s3://{bucket}/archive/photos/p01.jpg: ClientPayloadError, still failing after retries"
     )
@@ -329,8 +157,8 @@ def test_reads_that_outlast_the_libraries_retries_are_retried_not_error_rows(
     expected = [f"s3://{bucket}/archive/photos/{n}" for n in PHOTOS[:3]]
     expected += [f"s3://{bucket}/archive/shards/s0.tar#{m}" for m in MEMBERS]
     assert sorted(rows) == sorted(expected)  # no shard row: the shard was read to its end
-    assert all(r["read_error"] is None and r["data"] for r in rows.values())
-    assert sorted(r["unit_index"] for r in rows.values() if "#" in r["image_uri"]) == [0, 1, 2]
+    assert all(r.error is None and r.data for r in rows.values())
+    assert sorted(r.index for r in rows.values() if "#" in r.image_uri) == [0, 1, 2]
 
 
 def test_job_completes_through_transient_faults(ray_local, archive, moto_server):
@@ -344,8 +172,8 @@ def test_job_completes_through_transient_faults(ray_local, archive, moto_server)
         Fault("GET", r"/photos/p07\.jpg$", times=6, kinds=("cut",)),
         Fault("GET", r"/shards/s0\.tar$", times=6, kinds=("cut",)),
         Fault("GET", r"list-type=2&prefix=archive%2Fphotos", times=5, kinds=("internal",)),
-        Fault("PUT", r"/results/images/part-000001\.parquet$", times=5, kinds=("internal",)),
-        Fault("PUT", r"/results/_committed/000002\.json$", times=5, kinds=("internal",)),
+        Fault("PUT", r"/results/images/part-00000001\.parquet$", times=5, kinds=("internal",)),
+        Fault("PUT", r"/results/_committed/00000002\.json$", times=5, kinds=("internal",)),
     ]
     with FaultyS3(moto_server, faults, seed=3) as proxy:
         storage = {"endpoint_url": proxy.endpoint}
@@ -462,7 +290,7 @@ def test_permanent_failure_ends_the_cli_with_one_line(case, moto_server, shapes_
     errors = [line for line in r.stderr.splitlines() if line.startswith("error")]
     assert errors == [r.stderr.strip().splitlines()[-1]], r.stderr[-3000:]  # one line, the last one
     assert re.fullmatch(
-        rf"error: output: s3://{bucket}/results/_config\.json: {cause}( \(.*\))?", errors[0]
+        rf"error: output: s3://{bucket}/results/_lease\.json: {cause}( \(.*\))?", errors[0]
     ), errors
     assert time.perf_counter() - started < 120  # permanent errors are not retried for minutes
     fs.invalidate_cache()

@@ -28,7 +28,7 @@ SNAPSHOT = "checkpoint_manager_snapshot.json"
 
 @pytest.fixture(scope="module")
 def shapes(tmp_path_factory) -> Path:
-    from pipeline.shapes import make_shapes
+    from pipeline.demo.shapes import make_shapes
 
     root = tmp_path_factory.mktemp("train-shapes")
     # 48 training images in batches of 2: an epoch long enough (24 steps) to be killed in the middle of.

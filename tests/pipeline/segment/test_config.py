@@ -1,7 +1,8 @@
 import pytest
 
 from jobs._cli import load_config_dict
-from pipeline.config import ConfigError, redacted, segment_config
+from pipeline.config import ConfigError, redacted
+from pipeline.segment.config import segment_config
 
 BASE = {"input": {"url": "in/"}, "output": {"url": "out/"}}
 
@@ -85,9 +86,9 @@ def test_shipped_config_is_valid_and_complete():
 
     import yaml
 
-    from pipeline.config import SegmentConfig
+    from pipeline.segment.config import SegmentConfig
 
-    path = os.path.join(os.path.dirname(__file__), "..", "..", "configs", "segment_archive.yaml")
+    path = os.path.join(os.path.dirname(__file__), "..", "..", "..", "configs", "segment_archive.yaml")
     data = yaml.safe_load(open(path))
     segment_config({**data, "input": {**data["input"], "url": "x"}, "output": {**data["output"], "url": "y"}})
 
@@ -97,7 +98,7 @@ def test_shipped_config_is_valid_and_complete():
 
 
 def test_batch_size_auto_is_one_on_cpu_and_four_on_gpu():
-    from pipeline.run import batch_size_for
+    from pipeline.segment.run import batch_size_for
 
     cfg = segment_config({"input": {"url": "a/"}, "output": {"url": "b/"}, "model": {"batch_size": "auto"}})
     assert cfg.model.batch_size is None

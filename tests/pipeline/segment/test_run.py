@@ -7,9 +7,10 @@ import tarfile
 import pyarrow.dataset as pads
 import pytest
 
-from pipeline.config import ComputeConfig, ConfigError, segment_config
+from pipeline.config import ConfigError
 from pipeline.errors import JobError
-from pipeline.run import plan_resources, segment
+from pipeline.segment.config import ComputeConfig, segment_config
+from pipeline.segment.run import plan_resources, segment
 from tests.conftest import TINY_MODEL
 
 
@@ -82,8 +83,8 @@ def test_rerun_skips_committed_and_changed_settings_are_refused(ray_local, shape
     first, _ = run(str(shapes_dir / "val"), str(out))
     assert first.units_committed == 3
     # Simulate a crash that lost one unit's commit: its files and marker are gone.
-    (out / "_committed" / "000001.json").unlink()
-    (out / "images" / "part-000001.parquet").unlink()
+    (out / "_committed" / "00000001.json").unlink()
+    (out / "images" / "part-00000001.parquet").unlink()
     (out / "_SUCCESS.json").unlink()
     second, lines = run(str(shapes_dir / "val"), str(out))
     assert second.units_skipped == 2 and second.units_committed == 1 and second.complete
@@ -121,3 +122,20 @@ def test_resource_plan_never_reserves_every_cpu():
         plan_resources(ComputeConfig(cpus_per_actor=2), device="auto", cluster_gpus=0, node_cpus=[2.0])
     with pytest.raises(JobError, match="no GPU"):
         plan_resources(ComputeConfig(), device="cuda", cluster_gpus=0, node_cpus=[2.0])
+
+
+def test_a_second_run_on_a_leased_local_output_is_refused_at_once(ray_local, shapes_dir, tmp_path):
+    import time
+
+    from pipeline.segment.lease import Lease
+    from pipeline.segment.write import Output
+
+    out = tmp_path / "out"
+    with Lease(Output(str(out)), "run-A", ttl_s=60).acquire():
+        t0 = time.monotonic()
+        with pytest.raises(JobError, match=r"is being written by run run-A .* which holds a lock on it"):
+            run(str(shapes_dir / "val"), str(out))
+        assert time.monotonic() - t0 < 5  # a local lock answers at once: no waiting for a lease period
+        assert not (out / "_plan").exists() and not (out / "_config.json").exists()
+    summary, _ = run(str(shapes_dir / "val"), str(out))  # the lock is dropped with its holder
+    assert summary.complete

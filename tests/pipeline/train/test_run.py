@@ -6,11 +6,12 @@ import pyarrow.dataset as pads
 import pytest
 import s3fs
 
-from pipeline.config import ConfigError, segment_config
-from pipeline.run import segment
-from pipeline.shapes import make_shapes
-from pipeline.train import run_training
-from pipeline.train_config import train_config
+from pipeline.config import ConfigError
+from pipeline.demo.shapes import make_shapes
+from pipeline.segment.config import segment_config
+from pipeline.segment.run import segment
+from pipeline.train.config import train_config
+from pipeline.train.run import run_training
 
 
 def tiny(data_root: str, storage_path: str, *, name: str, epochs: int, storage=None) -> dict:
@@ -90,12 +91,12 @@ def test_shipped_train_configs_validate():
 
     import yaml
 
-    root = os.path.join(os.path.dirname(__file__), "..", "..", "configs")
+    root = os.path.join(os.path.dirname(__file__), "..", "..", "..", "configs")
     for name in ("train.yaml", "train_cpu_small.yaml"):
         cfg = train_config(yaml.safe_load(open(os.path.join(root, name))))
         assert cfg.lr > 0 and cfg.run.name
 
-    from pipeline.train_config import TrainConfig
+    from pipeline.train.config import TrainConfig
     from tests.config_keys import dataclass_keys, yaml_keys
 
     # configs/train.yaml documents every key (the README points there for the list).

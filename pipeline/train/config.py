@@ -9,7 +9,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Literal
 
-from pipeline.config import ConfigError, StorageConfig, from_dict
+from pipeline.config import ConfigError, StorageConfig, check_ranges, from_dict
 
 
 @dataclasses.dataclass(frozen=True)
@@ -129,11 +129,7 @@ def train_config(data: dict | None) -> TrainConfig:
         raise ConfigError("run.name: required (runs with the same name resume each other)")
     if not cfg.run.storage_path:
         raise ConfigError("run.storage_path: required (local path or s3://bucket/prefix for checkpoints)")
-    for key, (lo, hi) in _RANGES.items():
-        section, name = key.split(".")
-        value = getattr(getattr(cfg, section), name)
-        if value is not None and not lo <= value <= hi:
-            raise ConfigError(f"{key}: expected a value in [{lo:g}, {hi:g}], got {value!r}")
+    check_ranges(cfg, _RANGES)
     if any(not 0.0 < f < 1.0 for f in cfg.train.lr_steps):
         raise ConfigError(
             f"train.lr_steps: fractions of the schedule in (0, 1), got {list(cfg.train.lr_steps)}"

@@ -17,9 +17,9 @@ import os
 import time
 from collections.abc import Callable
 
-from pipeline.config import SegmentConfig
 from pipeline.errors import JobError
-from pipeline.train_config import TrainConfig
+from pipeline.segment.config import SegmentConfig
+from pipeline.train.config import TrainConfig
 
 
 def _has_split(shapes: str, split: str, n: int) -> bool:
@@ -32,7 +32,7 @@ def _has_split(shapes: str, split: str, n: int) -> bool:
 
 
 def ensure_shapes(shapes: str, *, train: int, val: int, seed: int, log: Callable[[str], None]) -> None:
-    from pipeline.shapes import make_shapes
+    from pipeline.demo.shapes import make_shapes
 
     if _has_split(shapes, "train", train) and _has_split(shapes, "val", val):
         log(f"demo: using the shapes archive in {shapes}/ ({train} train, {val} val images)")
@@ -53,11 +53,11 @@ def run_demo(
     log: Callable[[str], None] = print,
 ) -> dict:
     """Run every step; returns what a test or the caller may check (AP, counts, rendered files, timings)."""
-    from pipeline.evaluate import evaluate_results, load_ground_truth
-    from pipeline.query import format_summary, render_sample, summary
-    from pipeline.results import open_results
-    from pipeline.run import segment
-    from pipeline.train import run_training
+    from pipeline.results.evaluate import evaluate_results, load_ground_truth
+    from pipeline.results.open import open_results
+    from pipeline.results.query import format_summary, render_sample, summary
+    from pipeline.segment.run import segment
+    from pipeline.train.run import run_training
 
     timings: dict[str, float] = {}
     t0 = time.perf_counter()

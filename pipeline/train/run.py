@@ -15,7 +15,7 @@ import fsspec
 from model.train_loop import CHECKPOINT_FILE, ERROR_FILE, NOT_EVALUATED, train_per_worker
 from pipeline.config import redacted
 from pipeline.errors import JobError, describe_storage_error
-from pipeline.train_config import TrainConfig
+from pipeline.train.config import TrainConfig
 
 
 @dataclasses.dataclass

@@ -1,11 +1,14 @@
-"""The Ray Data plan of the segment job: plan units → read tasks → inference actor pool → per-unit commits.
+"""Run: the segment job on a Ray cluster — lease, plan, the Ray Data pipeline, the summary.
 
-    units (one block each) ──map_batches(read_unit, num_cpus=read_cpus)──▶ input bytes
-          ──map_batches(Segmenter, ActorPoolStrategy, num_gpus=1 | threads on CPU)──▶ results with nested detections
-          ──iter_batches on the driver──▶ UnitCommitter: images/ + detections/ per unit, then its completion record
+    _plan/ parts ──from_items + flat_map(expand_part)──▶ pending units, one block each
+          ──map_batches(SegmentWorker, ActorPoolStrategy, num_gpus=1 | threads on CPU)──▶ one row of counts per unit
+          ──iter_batches on the driver──▶ summary, progress, `_stats/` roll-ups
 
-The driver only buffers results (RLE strings, not pixels) of units in flight. Requires a connected Ray
-(`ray.init` is the caller's business).
+Each actor reads its unit's inputs, runs the model and writes the unit's files and completion record itself: the
+driver handles one small row per unit (2,048 images by default), never a detection, so its CPU and memory do not
+grow with the archive's rows. It holds the plan's parts and a bitmap of units, not the units.
+
+Ray is connected lazily through `connect` (the caller's `ray.init`): a re-run with nothing left to do never starts it.
 """
 
 from __future__ import annotations
@@ -15,20 +18,33 @@ import hashlib
 import json
 import math
 import time
+import uuid
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
-import pyarrow as pa
+import numpy as np
 
 from model.build import ModelSpec, resolve_spec
 from model.checkpoint import CheckpointError
-from pipeline import commit as commit_mod
-from pipeline import retry
-from pipeline.commit import Output, UnitCommitter, UnitStats
-from pipeline.config import ComputeConfig, ConfigError, SegmentConfig, redacted
-from pipeline.errors import JobError, describe_storage_error
-from pipeline.segmenter import Segmenter
-from pipeline.sources import PLAN_INDEX, WorkUnit, iter_inputs, load_plan, plan_units, read_unit
+from pipeline.config import ConfigError, redacted
+from pipeline.errors import JobError, describe_storage_error, one_line, root_cause
+from pipeline.segment import plan as plan_mod
+from pipeline.segment.config import ComputeConfig, SegmentConfig
+from pipeline.segment.lease import Lease
+from pipeline.segment.plan import Plan
+from pipeline.segment.worker import SegmentWorker
+from pipeline.segment.write import (
+    COMMITTED_DIR,
+    CONFIG_FILE,
+    PLAN_DIR,
+    SUCCESS_FILE,
+    Output,
+    StatsLog,
+    UnitStats,
+    committed_stats,
+    committed_units,
+    stats_from_row,
+)
 
 # --- resources -------------------------------------------------------------------------------------------------------
 
@@ -38,6 +54,7 @@ from pipeline.sources import PLAN_INDEX, WorkUnit, iter_inputs, load_plan, plan_
 # no parallelism left to gain). GPUs gain from batching.
 CPU_BATCH_SIZE = 1
 GPU_BATCH_SIZE = 4
+IO_THREADS = 16  # compute.io_threads auto
 
 
 def batch_size_for(configured: int | None, device: str) -> int:
@@ -53,6 +70,7 @@ class Resources:
     cpus_per_actor: float
     threads_per_actor: int
     read_cpus: float
+    io_threads: int = IO_THREADS
 
 
 def plan_resources(
@@ -60,10 +78,11 @@ def plan_resources(
 ) -> Resources:
     """Size the actor pool from the cluster (pure; `auto` = None in `compute`).
 
-    GPU clusters: one actor per GPU, 1 CPU each. CPU-only clusters: one actor per node, taking all of the node's
-    CPUs but one (reads are I/O-bound and take a quarter CPU each) and running torch with one thread per core.
-    The reservations always leave `read_cpus` free on a node: an actor asking for every CPU starves the read tasks
-    that feed it, and Ray Data then waits forever (seen on a 2-CPU machine).
+    GPU clusters: one actor per GPU, 1 CPU each (its reads and decodes run on `io_threads` threads that mostly wait
+    on storage or hold no GIL). CPU-only clusters: one actor per node, taking all of the node's CPUs but one and
+    running torch with one thread per core. The reservations always leave `read_cpus` free on a node: an actor
+    asking for every CPU starves the small tasks that feed it units, and Ray Data then waits forever (seen on a
+    2-CPU machine).
     """
     if not node_cpus:
         raise JobError("the Ray cluster has no node with CPUs")
@@ -102,6 +121,7 @@ def plan_resources(
         cpus_per_actor=cpus,
         threads_per_actor=threads,
         read_cpus=read,
+        io_threads=compute.io_threads or IO_THREADS,
     )
 
 
@@ -205,52 +225,76 @@ def fingerprint(cfg: SegmentConfig, spec: ModelSpec) -> str:
     return hashlib.sha256(json.dumps(keyed, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def segment(cfg: SegmentConfig, *, log: Callable[[str], None] = print) -> RunSummary:
-    """Run (or resume) the segment job described by `cfg` on the connected Ray cluster."""
-    import uuid
+def segment(
+    cfg: SegmentConfig,
+    *,
+    log: Callable[[str], None] = print,
+    connect: Callable[[], None] | None = None,
+) -> RunSummary:
+    """Run (or resume) the segment job described by `cfg`.
 
+    `connect()` is called before the first use of Ray (reading manifests, segmenting); by default Ray must already
+    be connected. Nothing left to do means Ray is never needed.
+    """
     started = time.perf_counter()
     run_id = time.strftime("%Y%m%dT%H%M%S") + "-" + uuid.uuid4().hex[:6]
+    connect = connect or (lambda: None)
     spec = _resolve_model(cfg)
     out = Output(cfg.output.url, storage_options=cfg.output.storage_options())
-    fp = fingerprint(cfg, spec)
-    _prepare_output(out, cfg, spec, fp, run_id)
-
-    plan_url = out.url_of(commit_mod.PLAN_DIR)
-    skipped: Counter = Counter()
-    units = _plan(cfg, out, plan_url, skipped)
-    for what, n in skipped.items():
-        log(f"planning: skipped {n} {what} (each input is processed once)")
-    done = out.committed_units()
-    pending = [u for u in units if u.unit_id not in done]
-    summary = RunSummary(
-        output_url=out.url,
-        run_id=run_id,
-        model_id=spec.model_id,
-        random_weights=spec.weights == "none",
-        units_total=len(units),
-        units_skipped=len(units) - len(pending),
-    )
-    for stats in _read_committed_stats(out, [u.unit_id for u in units if u.unit_id in done]):
-        summary.add(stats, this_run=False)
-    if summary.units_skipped:
-        log(
-            f"resuming: {summary.units_skipped} of {len(units)} units already committed "
-            f"({summary.images_skipped} inputs skipped), {len(pending)} to do"
+    try:
+        out.ensure_writable()
+    except Exception as e:
+        raise JobError(f"output: {describe_storage_error(cfg.output.url, e)}") from None
+    with Lease(out, run_id, cfg.output.lease_s).acquire(log) as lease:
+        fp = fingerprint(cfg, spec)
+        _prepare_output(out, cfg, spec, fp, run_id)
+        plan = _plan(cfg, out, connect, log)
+        for what, n in plan.skipped.items():
+            log(f"planning: skipped {n} {what} (each input is processed once)")
+        done = committed_units(out, plan.units)
+        summary = RunSummary(
+            output_url=out.url,
+            run_id=run_id,
+            model_id=spec.model_id,
+            random_weights=spec.weights == "none",
+            units_total=plan.units,
+            units_skipped=int(done.sum()),
         )
-    if pending:
-        gpus, node_cpus = cluster_resources()
-        res = plan_resources(cfg.compute, device=cfg.model.device, cluster_gpus=gpus, node_cpus=node_cpus)
-        summary.resources = res
-        log(
-            f"processing {len(pending)} units on {res.min_actors}..{res.max_actors} actor(s) "
-            f"[{res.device}, {res.gpus_per_actor:g} GPU, {res.cpus_per_actor:g} CPU, "
-            f"{res.threads_per_actor} threads each]"
-        )
-        _execute(cfg, spec, res, out, pending, run_id, summary, log, started)
-    summary.seconds = time.perf_counter() - started
-    if summary.complete:
-        out.write_json(commit_mod.SUCCESS_FILE, summary.to_json())
+        stats_log = StatsLog(out, run_id)
+        for stats, from_record in committed_stats(out, done):
+            summary.add(stats, this_run=False)
+            if from_record:
+                stats_log.record(stats)
+        pending = plan.units - summary.units_skipped
+        if summary.units_skipped:
+            log(
+                f"resuming: {summary.units_skipped} of {plan.units} units already committed "
+                f"({summary.images_skipped} inputs skipped), {pending} to do"
+            )
+        try:
+            if pending:
+                connect()
+                gpus, node_cpus = cluster_resources()
+                res = plan_resources(
+                    cfg.compute, device=cfg.model.device, cluster_gpus=gpus, node_cpus=node_cpus
+                )
+                summary.resources = res
+                log(
+                    f"processing {pending} units on {res.min_actors}..{res.max_actors} actor(s) "
+                    f"[{res.device}, {res.gpus_per_actor:g} GPU, {res.cpus_per_actor:g} CPU, "
+                    f"{res.threads_per_actor} threads each]"
+                )
+                _execute(cfg, spec, res, out, plan, done, run_id, summary, stats_log, lease, log, started)
+        except BaseException:
+            try:  # keep what this run committed rolled up, without hiding why it stopped
+                stats_log.flush()
+            except Exception:  # noqa: BLE001
+                pass
+            raise
+        stats_log.flush()
+        summary.seconds = time.perf_counter() - started
+        if summary.complete:
+            out.write_json(SUCCESS_FILE, summary.to_json())
     return summary
 
 
@@ -285,8 +329,7 @@ def _fetch_default_weights() -> None:
 
 def _prepare_output(out: Output, cfg: SegmentConfig, spec: ModelSpec, fp: str, run_id: str) -> None:
     try:
-        out.ensure_writable()
-        previous = out.read_json(commit_mod.CONFIG_FILE)
+        previous = out.read_json(CONFIG_FILE)
         if previous and cfg.output.mode == "overwrite":
             out.clear()
         elif previous and previous.get("fingerprint") != fp and _holds_results(out):
@@ -297,7 +340,7 @@ def _prepare_output(out: Output, cfg: SegmentConfig, spec: ModelSpec, fp: str, r
             )
         out.remove_stale_temporaries()
         out.write_json(
-            commit_mod.CONFIG_FILE,
+            CONFIG_FILE,
             {
                 "config": redacted(cfg),
                 "model_id": spec.model_id,
@@ -317,53 +360,57 @@ def _prepare_output(out: Output, cfg: SegmentConfig, spec: ModelSpec, fp: str, r
 def _holds_results(out: Output) -> bool:
     """A plan or a committed unit: what a different setting must not mix with. A run that stopped before either
     (no inputs found, a typo in --input) left only its config, which the next run may simply replace."""
-    return bool(out.committed_units()) or out.exists(f"{commit_mod.PLAN_DIR}/{PLAN_INDEX}")
+    return bool(out.names(COMMITTED_DIR)) or out.exists(f"{PLAN_DIR}/{plan_mod.INDEX}")
 
 
-def _plan(cfg: SegmentConfig, out: Output, plan_url: str, skipped: Counter) -> list[WorkUnit]:
-    opts = cfg.output.storage_options()
+def _plan(cfg: SegmentConfig, out: Output, connect: Callable[[], None], log: Callable[[str], None]) -> Plan:
+    """The stored plan, or a new one: listed here (folders, globs) or read by Ray tasks (manifests)."""
+    plan_url = out.url_of(PLAN_DIR)
+    plan_opts, input_opts = cfg.output.storage_options(), cfg.input.storage_options()
+    url, unit_size = cfg.input.url, cfg.input.unit_size
     try:
-        existing = load_plan(plan_url, storage_options=opts)
+        existing = plan_mod.load_plan(plan_url, storage_options=plan_opts)
         if existing is not None:
             return existing
-        inputs = iter_inputs(cfg.input.url, storage_options=cfg.input.storage_options(), skipped=skipped)
-        units = plan_units(
-            _nonempty(inputs, cfg.input.url),
-            plan_url=plan_url,
-            unit_size=cfg.input.unit_size,
-            storage_options=opts,
+        plan_mod.clear_partial_plan(plan_url, storage_options=plan_opts)
+        skipped: Counter = Counter()
+        t0 = time.perf_counter()
+        if plan_mod.is_manifest(url, storage_options=input_opts):
+            sources = plan_mod.manifest_sources(url, storage_options=input_opts)
+            connect()
+            parts, skipped = plan_mod.plan_manifest(
+                sources,
+                plan_url=plan_url,
+                unit_size=unit_size,
+                manifest_options=input_opts,
+                plan_options=plan_opts,
+                read_cpus=cfg.compute.read_cpus,
+            )
+            how = f"{len(sources)} manifest file(s) read by Ray tasks"
+        else:
+            inputs = plan_mod.iter_inputs(url, storage_options=input_opts, skipped=skipped)
+            parts = plan_mod.plan_inputs(
+                inputs, plan_url=plan_url, unit_size=unit_size, storage_options=plan_opts
+            )
+            how = "listed"
+        if not parts:
+            raise JobError(
+                f"no inputs found at {url} (looked for *.jpg, *.jpeg, *.png, *.bmp, *.tif, *.tiff, *.webp "
+                "and *.tar)"
+            )
+        plan = plan_mod.write_index(
+            plan_url, parts, unit_size=unit_size, skipped=dict(skipped), storage_options=plan_opts
         )
+        seconds = time.perf_counter() - t0
+        log(
+            f"planned {plan.inputs} inputs in {plan.units} units ({how} in {seconds:.1f} s, "
+            f"{plan.inputs / max(seconds, 1e-9):.0f} inputs/s)"
+        )
+        return plan
     except JobError:
         raise
     except Exception as e:
-        raise JobError(f"input: {describe_storage_error(cfg.input.url, e)}") from None
-    return units
-
-
-def _nonempty(inputs: Iterator, url: str) -> Iterator:
-    first = next(inputs, None)
-    if first is None:
-        raise JobError(
-            f"no inputs found at {url} (looked for *.jpg, *.jpeg, *.png, *.bmp, *.tif, *.tiff, *.webp and *.tar)"
-        )
-    yield first
-    yield from inputs
-
-
-def _read_committed_stats(out: Output, unit_ids: list[str]) -> list[UnitStats]:
-    if not unit_ids:
-        return []
-    paths = [out.path(commit_mod.COMMITTED_DIR, f"{u}.json") for u in unit_ids]
-    # Retried like every other storage call of the job: a throttling spell while resuming must not end the run.
-    blobs = (
-        retry.call(out.fs.cat, paths) if len(paths) > 1 else {paths[0]: retry.call(out.fs.cat_file, paths[0])}
-    )
-    return [UnitStats(**json.loads(b)) for b in blobs.values()]
-
-
-def _read_units(batch: pa.Table, *, input_options: dict, plan_options: dict) -> Iterator[pa.Table]:
-    for row in batch.to_pylist():
-        yield from read_unit(WorkUnit(**row), input_options=input_options, plan_options=plan_options)
+        raise JobError(f"input: {describe_storage_error(url, root_cause(e))}") from None
 
 
 def _execute(
@@ -371,9 +418,12 @@ def _execute(
     spec: ModelSpec,
     res: Resources,
     out: Output,
-    pending: list[WorkUnit],
+    plan: Plan,
+    done: np.ndarray,
     run_id: str,
     summary: RunSummary,
+    stats_log: StatsLog,
+    lease: Lease,
     log: Callable[[str], None],
     started: float,
 ) -> None:
@@ -382,20 +432,25 @@ def _execute(
     batch_size = batch_size_for(cfg.model.batch_size, res.device)
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False  # the driver prints its own progress lines (below)
-    ds = ray.data.from_items([dataclasses.asdict(u) for u in pending], override_num_blocks=len(pending))
-    ds = ds.map_batches(
-        _read_units,
-        batch_size=1,
-        batch_format="pyarrow",
-        num_cpus=res.read_cpus,
+    # An actor's own error (a storage failure's one line, an ImageError) reaches the driver as itself, not as Ray
+    # Data's "UDF failed" wrapper, whose cause does not survive the trip between processes.
+    ctx.raise_original_map_exception = True
+    items = plan_mod.pending_parts(plan, done)
+    ds = ray.data.from_items(items, override_num_blocks=len(items))
+    ds = ds.flat_map(
+        plan_mod.expand_part,
         fn_kwargs={
-            "input_options": cfg.input.storage_options(),
+            "plan_url": plan.url,
+            "unit_size": plan.unit_size,
             "plan_options": cfg.output.storage_options(),
         },
+        num_cpus=res.read_cpus,
     )
+    # One unit per block: an actor task takes a whole block, and a part expands into up to 32 units.
+    ds = ds.repartition(target_num_rows_per_block=1)
     ds = ds.map_batches(
-        Segmenter,
-        batch_size=batch_size,
+        SegmentWorker,
+        batch_size=1,
         batch_format="pyarrow",
         compute=ray.data.ActorPoolStrategy(min_size=res.min_actors, max_size=res.max_actors),
         num_cpus=res.cpus_per_actor,
@@ -403,22 +458,35 @@ def _execute(
         fn_constructor_kwargs=dict(
             spec=spec,
             score_threshold=cfg.model.score_threshold,
+            output_url=out.url_of(),
             max_detections=cfg.model.max_detections,
             device=res.device,
             threads=res.threads_per_actor,
+            io_threads=res.io_threads,
             max_pixels=cfg.input.max_pixels,
             batch_size=batch_size,
             on_image_error=cfg.on_image_error,
             run_id=run_id,
+            output_options=cfg.output.storage_options(),
+            input_options=cfg.input.storage_options(),
             weights_storage_options=cfg.model.storage_options(),
         ),
     )
-    committer = UnitCommitter(out)
+    seen = (
+        done.copy()
+    )  # units counted: done before, or reported in this run (a task re-run delivers a unit again)
     last_report = time.perf_counter()
     try:
         for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
-            for stats in committer.add(batch):
+            for row in batch.to_pylist():
+                stats = stats_from_row(row)
+                o = int(stats.unit_id)
+                if seen[o]:
+                    continue
+                seen[o] = True
                 summary.add(stats, this_run=True)
+                stats_log.record(stats)
+            lease.check()
             now = time.perf_counter()
             if now - last_report >= cfg.progress_interval_s:
                 last_report = now
@@ -428,30 +496,19 @@ def _execute(
                     f"{summary.images} images ({summary.errors} error), {summary.detections} detections, "
                     f"{rate:.2f} images/s"
                 )
-    except JobError:
-        # The driver's own commit failed (storage): its message already names the URL and the cause.
-        summary.units_incomplete = sorted(set(committer.pending_units) | _unfinished(pending, out))
-        raise
     except Exception as e:
-        summary.units_incomplete = sorted(set(committer.pending_units) | _unfinished(pending, out))
-        raise JobError(f"inference pipeline failed: {_root_cause(e)}") from None
-    summary.units_incomplete = sorted(set(committer.pending_units) | _unfinished(pending, out))
+        summary.units_incomplete = _unfinished(seen)
+        cause = root_cause(e)
+        # The lease lost, or an actor's storage failure (Ray wraps it with a traceback): one line, the URL and why.
+        if isinstance(cause, JobError):
+            raise JobError(one_line(cause)) from None
+        raise JobError(f"inference pipeline failed: {_describe(cause)}") from None
+    summary.units_incomplete = _unfinished(seen)
 
 
-def _unfinished(pending: list[WorkUnit], out: Output) -> set[str]:
-    done = out.committed_units()
-    return {u.unit_id for u in pending if u.unit_id not in done}
+def _unfinished(seen: np.ndarray) -> list[str]:
+    return [plan_mod.unit_id(int(o)) for o in np.flatnonzero(~seen)]
 
 
-def _root_cause(exc: BaseException) -> str:
-    """The innermost error of a Ray exception chain, as one line (Ray wraps worker errors several times)."""
-    cause: BaseException = exc
-    seen = set()
-    while id(cause) not in seen:
-        seen.add(id(cause))
-        inner = getattr(cause, "cause", None) or cause.__cause__
-        if inner is None:
-            break
-        cause = inner
-    text = " ".join(str(cause).split())
-    return f"{type(cause).__name__}: {text[:400]}"
+def _describe(cause: BaseException) -> str:
+    return f"{type(cause).__name__}: {one_line(cause)[:400]}"

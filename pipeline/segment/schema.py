@@ -9,7 +9,6 @@ image as a viewer shows it (EXIF orientation applied).
 from __future__ import annotations
 
 import pyarrow as pa
-import pyarrow.compute as pc
 
 STATUS_OK = "ok"
 STATUS_ERROR = "error"
@@ -47,30 +46,3 @@ DETECTION_STRUCT = pa.struct(DETECTION_FIELDS)
 DETECTIONS_SCHEMA = pa.schema(
     [("image_uri", pa.string()), *DETECTION_FIELDS, ("model_id", pa.string()), ("run_id", pa.string())]
 )
-
-# What an inference actor returns per batch: image rows, their place in the work unit, nested detections.
-RESULT_SCHEMA = pa.schema(
-    [
-        *IMAGES_SCHEMA,
-        ("unit_index", pa.int32()),
-        ("unit_total", pa.int32()),
-        ("detections", pa.list_(DETECTION_STRUCT)),
-    ]
-)
-
-
-def split_results(results: pa.Table) -> tuple[pa.Table, pa.Table]:
-    """Split actor results (`RESULT_SCHEMA`) into an images table and a flat detections table."""
-    images = results.select(IMAGES_SCHEMA.names).cast(IMAGES_SCHEMA)
-    nested = results.column("detections").combine_chunks()
-    flat = nested.flatten()
-    if len(flat) == 0:
-        return images, DETECTIONS_SCHEMA.empty_table()
-    parents = pc.list_parent_indices(nested)
-    columns = {
-        "image_uri": results.column("image_uri").take(parents),
-        **{name: flat.field(name) for name, _ in DETECTION_FIELDS},
-        "model_id": results.column("model_id").take(parents),
-        "run_id": results.column("run_id").take(parents),
-    }
-    return images, pa.table(columns).cast(DETECTIONS_SCHEMA)

@@ -24,7 +24,7 @@ import pyarrow.compute as pc
 
 from model.coco_eval import evaluate
 from pipeline.errors import JobError, describe_storage_error
-from pipeline.results import Results
+from pipeline.results.open import Results
 
 # torchvision's references evaluate with box_score_thresh=0.05; above it, low-score true positives are missing.
 EVAL_SCORE_THRESHOLD = 0.05

@@ -1,4 +1,4 @@
-"""`pipeline.evaluate` / `jobs/evaluate.py`: COCO AP of a results folder, against pycocotools called directly.
+"""`pipeline.results.evaluate` / `jobs/evaluate.py`: COCO AP of a results folder, against pycocotools called directly.
 
 Results folders are written here with the real output schemas (the segment job's own output is scored in
 tests/pipeline/test_train.py and by the demo); ground truth is the generated shapes set.
@@ -18,12 +18,12 @@ import pytest
 from pycocotools import mask as mask_utils
 
 from pipeline.errors import JobError
-from pipeline.evaluate import evaluate_results, match_images
-from pipeline.results import open_results
-from pipeline.schema import DETECTIONS_SCHEMA, IMAGES_SCHEMA
+from pipeline.results.evaluate import evaluate_results, match_images
+from pipeline.results.open import open_results
+from pipeline.segment.schema import DETECTIONS_SCHEMA, IMAGES_SCHEMA
 from tests.model.test_coco_eval import _direct, _perfect
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
 
 @pytest.fixture(scope="module")

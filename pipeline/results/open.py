@@ -18,9 +18,9 @@ import pyarrow as pa
 import pyarrow.dataset as ds
 from pycocotools import mask as mask_utils
 
-from pipeline.commit import CONFIG_FILE, DETECTIONS_DIR, IMAGES_DIR, SUCCESS_FILE
 from pipeline.errors import JobError, describe_storage_error
-from pipeline.schema import DETECTIONS_SCHEMA, IMAGES_SCHEMA
+from pipeline.segment.schema import DETECTIONS_SCHEMA, IMAGES_SCHEMA
+from pipeline.segment.write import CONFIG_FILE, DETECTIONS_DIR, IMAGES_DIR, SUCCESS_FILE
 
 
 @dataclasses.dataclass
@@ -30,7 +30,7 @@ class Results:
     url: str
     fs: fsspec.AbstractFileSystem
     root: str
-    # The options the folder was opened with; `pipeline.query` reuses them to re-read the inputs (`image_uri`)
+    # The options the folder was opened with; `pipeline.results.query` reuses them to re-read the inputs (`image_uri`)
     # and to write what it renders, so one `--endpoint-url` serves all three.
     storage_options: dict = dataclasses.field(default_factory=dict)
 

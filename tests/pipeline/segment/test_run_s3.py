@@ -9,11 +9,12 @@ import s3fs
 from pycocotools import mask as mask_utils
 
 from model.decode import decode_image
-from pipeline.config import segment_config
 from pipeline.errors import JobError
-from pipeline.run import segment
+from pipeline.segment.config import segment_config
+from pipeline.segment.run import segment
 from tests.conftest import TINY_MODEL
-from tests.pipeline.test_segmenter import assert_matches_reference, reference
+from tests.pipeline.segment.test_worker import assert_matches_reference, reference
+from tests.s3inventory import write_inventory
 
 
 def upload(fs, bucket, shapes_dir, n=6):
@@ -116,3 +117,79 @@ def test_missing_bucket_is_one_line_job_error(ray_local, s3):
     with pytest.raises(JobError) as err:
         segment(cfg, log=lambda _: None)
     assert f"s3://no-such-bucket-{bucket}/x" in str(err.value) and "\n" not in str(err.value)
+
+
+def test_s3_inventory_manifest_end_to_end(ray_local, s3, shapes_dir):
+    fs, bucket, endpoint = s3
+    files = sorted((shapes_dir / "val").glob("*.jpg"))[:3]
+    fs.pipe_file(f"{bucket}/photos/a/x 1.jpg", files[0].read_bytes())
+    fs.pipe_file(f"{bucket}/photos/b/y+z.jpg", files[1].read_bytes())
+    fs.pipe_file(f"{bucket}/photos/c/shard.tar", b"")  # an empty shard: one error row for it
+    rows = [
+        [bucket, "photos/a/x 1.jpg", "10", "false"],  # written "photos/a/x+1.jpg": a space, form-encoded
+        [bucket, "photos/b/y+z.jpg", "10", "false"],  # written "photos/b/y%2Bz.jpg"
+        [bucket, "photos/readme.txt", "10", "false"],  # not an image: left out, counted
+        [bucket, "photos/c/shard.tar", "0", "false"],
+        [bucket, "photos/gone.jpg", "", "true"],  # a delete marker: not an object
+        [bucket, "photos/a/", "0", "false"],  # a "folder" object
+    ]
+    url = write_inventory(fs, bucket, rows)
+    logged: list[str] = []
+    cfg = segment_config(
+        {
+            "input": {"url": url, "storage": {"endpoint_url": endpoint}},
+            "output": {"url": f"s3://{bucket}/inv-results", "storage": {"endpoint_url": endpoint}},
+            "model": TINY_MODEL,
+        }
+    )
+    summary = segment(cfg, log=logged.append)
+    assert summary.complete and summary.images == 3 and summary.ok == 2
+    assert (
+        "planning: skipped 1 inventory keys that are not images or .tar (each input is processed once)"
+        in logged
+    )
+    assert any("2 manifest file(s) read by Ray tasks" in line for line in logged)
+    s3fs.S3FileSystem.clear_instance_cache()
+    reader = s3fs.S3FileSystem(client_kwargs={"endpoint_url": endpoint})
+    images = pads.dataset(f"{bucket}/inv-results/images", filesystem=reader, format="parquet").to_table()
+    assert sorted(images.column("image_uri").to_pylist()) == [
+        f"s3://{bucket}/photos/a/x 1.jpg",
+        f"s3://{bucket}/photos/b/y+z.jpg",
+        f"s3://{bucket}/photos/c/shard.tar",
+    ]
+
+
+def test_live_lease_refuses_a_second_run_and_a_dead_one_is_taken_over(ray_local, s3, shapes_dir):
+    import json
+    import time
+
+    from pipeline.segment.lease import Lease
+    from pipeline.segment.write import Output
+
+    fs, bucket, endpoint = s3
+    upload(fs, bucket, shapes_dir, n=4)
+    storage = {"endpoint_url": endpoint}
+    data = {
+        "input": {"url": f"s3://{bucket}/archive/photos", "storage": storage},
+        "output": {"url": f"s3://{bucket}/leased", "storage": storage, "lease_s": 3},
+        "model": TINY_MODEL,
+    }
+    cfg = segment_config(data)
+    out = Output(cfg.output.url, storage_options=cfg.output.storage_options())
+    # A live run holds the output: it renews its lease every second.
+    with Lease(out, "run-A", ttl_s=3).acquire():
+        t0 = time.monotonic()
+        with pytest.raises(
+            JobError, match=r"being written by run run-A \(host .*\), which renewed its lease"
+        ):
+            segment(cfg, log=lambda _: None)
+        assert time.monotonic() - t0 < 10
+    assert not fs.exists(f"{bucket}/leased/_lease.json")  # released
+    # A run that died holding the lease: never renewed again. The next run waits one lease period, then takes over.
+    dead = {"run_id": "run-dead", "host": "h", "pid": 1, "renewed_at": time.time(), "ttl_s": 3}
+    fs.pipe_file(f"{bucket}/leased/_lease.json", json.dumps(dead).encode())
+    logged: list[str] = []
+    summary = segment(cfg, log=logged.append)
+    assert summary.complete and summary.images == 5
+    assert "took over the lease of run run-dead, which stopped renewing it" in logged
+    assert not fs.exists(f"{bucket}/leased/_lease.json")

@@ -1,6 +1,6 @@
 """Querying results: SQL, summary, masks and overlays over results folders built with the real schemas and writer.
 
-The folders are written with `pipeline.commit.Output` and the output schemas from masks of known shapes encoded by
+The folders are written with `pipeline.segment.write.Output` and the output schemas from masks of known shapes encoded by
 pycocotools, so every expected value is exact; the same folder is built locally and on moto's S3 server. (The CLI
 tests also query what the real segment job wrote.)
 """
@@ -22,9 +22,9 @@ from PIL import Image
 from pycocotools import mask as mask_utils
 
 from model.decode import decode_image
-from pipeline.commit import Output, parquet_bytes
 from pipeline.errors import JobError
-from pipeline.query import (
+from pipeline.results.open import open_results
+from pipeline.results.query import (
     QueryError,
     format_summary,
     masks,
@@ -34,8 +34,8 @@ from pipeline.query import (
     summary,
     write_table,
 )
-from pipeline.results import open_results
-from pipeline.schema import DETECTIONS_SCHEMA, IMAGES_SCHEMA
+from pipeline.segment.schema import DETECTIONS_SCHEMA, IMAGES_SCHEMA
+from pipeline.segment.write import Output, parquet_bytes
 
 MODEL_ID = "random-init:test"
 

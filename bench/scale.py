@@ -1,0 +1,556 @@
+"""The data plane at scale, measured where it shows on a CPU machine: every figure of the scale-out issue in one run.
+
+    python bench/scale.py [--quick] [--images 1000] [--inputs 100000] [--query-rows 10000000] [--only NAMES]
+
+A 2-second CPU forward pass hides every cost around the model, so each part measures the data plane on its own or
+with the real model at a tiny size (`model.min_size` 64), where the pipeline's own costs show:
+
+- pipeline: `--images` JPEGs of 96–144 px; the segment job end to end on a fresh embedded Ray (Ray start, planning,
+  actor start and model load included) against a plain loop in this process (PIL decode → `model([image])` →
+  pycocotools RLE of every kept mask; model built before the clock starts), same 2 torch threads, same weights and
+  sizes. An audit hook in this process (the job's driver) counts the Parquet data files the driver itself opens for
+  writing; the actors are other processes. A profile from the results says where the rest goes.
+- write: the stages after the model alone — `UnitWriter` (Arrow columns → Parquet → upload → completion record) fed
+  with realistic rows (12 detections per 640×480 image, RLE of ellipses), committing to moto's S3 server behind a
+  proxy that adds 50 ms to every request (a regular S3 round trip): images/s committed with one writer (one actor)
+  and with 4, beside the layout before this design (64-image units committed one after another by one writer).
+- scale: `--inputs` objects on moto S3 under 100 prefixes (non-image bytes named .jpg, so every input is a real read,
+  decode attempt and error row while the model never runs: the data plane without the forward pass):
+  prefix listing keys/s (the planner's own code), S3 Inventory keys/s (gzipped CSV parts read by Ray tasks), then
+  the job as a user runs it (`jobs/segment_archive.py`, a subprocess: the driver) on 1/10 of the inputs and on all
+  of them — the driver's peak RSS for both, the objects the run leaves, per 10^6 inputs — and last the same command
+  again on the finished output through a request-counting proxy: requests and seconds until it reports nothing
+  left to do.
+- query: `--query-rows` detection rows written in the layout the job leaves at its defaults (2,048 images per file,
+  ~12 detections per image; `bench/query.py`'s generator), per-label counts through `pipeline.results.query.sql`
+  (what `jobs/query.py ... sql` runs; median of 3 after one untimed run) and `jobs/query.py` itself, wall time.
+
+moto's server runs in a process of its own, so its CPU is not this process's. `--quick` runs each part smaller (in
+under 10 minutes). The last line holds every figure as `name=value`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import re
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+THREADS = 2
+MIN_SIZE, MAX_SIZE = 64, 128
+SCORE = 0.5  # the job's default threshold
+PREFIXES = 100
+os.environ.setdefault("AWS_ACCESS_KEY_ID", "bench-key")
+os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "bench-secret")
+os.environ.setdefault("AWS_DEFAULT_REGION", "us-east-1")
+
+
+# --- storage helpers -------------------------------------------------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def moto_server() -> Iterator[str]:
+    """moto's S3 server in a process of its own; yields its endpoint."""
+    port = free_port()
+    exe = os.path.join(os.path.dirname(sys.executable), "moto_server")
+    proc = subprocess.Popen(
+        [exe, "-H", "127.0.0.1", "-p", str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    try:
+        deadline = time.time() + 60
+        while True:
+            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=1):
+                break
+            if time.time() > deadline or proc.poll() is not None:
+                raise SystemExit("moto_server did not start")
+            time.sleep(0.2)
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
+def s3(endpoint: str):
+    import s3fs
+
+    return s3fs.S3FileSystem(
+        client_kwargs={"endpoint_url": endpoint}, skip_instance_cache=True, use_listings_cache=False
+    )
+
+
+def put_many(fs, items: dict[str, bytes], chunk: int = 2000) -> None:
+    keys = list(items)
+    for start in range(0, len(keys), chunk):
+        fs.pipe({k: items[k] for k in keys[start : start + chunk]})
+
+
+# --- 1. pipeline vs bare loop ------------------------------------------------------------------------------------------
+
+
+def make_jpegs(folder: str, n: int, seed: int = 0) -> list[str]:
+    import numpy as np
+    from PIL import Image, ImageDraw
+
+    rng = np.random.default_rng(seed)
+    os.makedirs(folder, exist_ok=True)
+    files = []
+    for i in range(n):
+        h, w = (int(v) for v in rng.integers(96, 145, 2))
+        base = rng.integers(0, 256, 3)
+        arr = np.clip(base + rng.normal(0, 25, (h, w, 3)), 0, 255).astype(np.uint8)
+        img = Image.fromarray(arr)
+        draw = ImageDraw.Draw(img)
+        for _ in range(int(rng.integers(1, 5))):  # a few shapes, as photos hold objects
+            x0, y0 = int(rng.integers(0, w - 20)), int(rng.integers(0, h - 20))
+            box = (x0, y0, x0 + int(rng.integers(10, 60)), y0 + int(rng.integers(10, 60)))
+            draw.ellipse(box, fill=tuple(int(v) for v in rng.integers(0, 256, 3)))
+        path = os.path.join(folder, f"img-{i:06d}.jpg")
+        img.save(path, quality=90)
+        files.append(path)
+    return files
+
+
+def bare_loop(files: list[str]) -> tuple[float, int]:
+    """images/s and detections of the plain loop a user would write (model built before the clock starts)."""
+    import numpy as np
+    import torch
+    from PIL import Image
+    from pycocotools import mask as mask_utils
+    from torchvision.transforms.functional import to_tensor
+
+    from model.build import load_model, resolve_spec
+
+    torch.set_num_threads(THREADS)
+    model = load_model(resolve_spec("none", min_size=MIN_SIZE, max_size=MAX_SIZE), box_score_thresh=SCORE)
+    detections = 0
+    with torch.inference_mode():
+        model([to_tensor(Image.open(files[0]).convert("RGB"))])  # warm-up
+        start = time.perf_counter()
+        for f in files:
+            out = model([to_tensor(Image.open(f).convert("RGB"))])[0]
+            masks = (out["masks"][:, 0] >= 0.5).numpy().astype(np.uint8)
+            if len(masks):
+                mask_utils.encode(np.asfortranarray(masks.transpose(1, 2, 0)))
+            detections += len(masks)
+        elapsed = time.perf_counter() - start
+    return len(files) / elapsed, detections
+
+
+class DriverWrites:
+    """Counts the Parquet data files this process (the driver) opens for writing under `root`."""
+
+    def __init__(self, root: str):
+        self.root, self.paths = os.path.realpath(root), set()
+
+        def hook(event: str, args: tuple) -> None:
+            if event == "open" and isinstance(args[0], str) and ".parquet" in args[0]:
+                mode = args[1] if isinstance(args[1], str) else ""
+                if ("w" in mode or "a" in mode) and os.path.realpath(args[0]).startswith(self.root):
+                    if any(f"/{d}/" in args[0] for d in ("images", "detections")):
+                        self.paths.add(args[0])
+
+        sys.addaudithook(hook)
+
+
+def pipeline_run(folder: str, out: str, writes: DriverWrites) -> dict:
+    import pyarrow.parquet as pq
+    import ray
+
+    from pipeline.segment.config import segment_config
+    from pipeline.segment.run import segment
+
+    stamps: list[tuple[float, str]] = []
+    cfg = segment_config(
+        {
+            "input": {"url": folder},
+            "output": {"url": out, "mode": "overwrite"},
+            "model": {
+                "weights": "none",
+                "min_size": MIN_SIZE,
+                "max_size": MAX_SIZE,
+                "score_threshold": SCORE,
+            },
+            "compute": {"threads_per_actor": THREADS},
+            "progress_interval_s": 3600,
+        }
+    )
+    start = time.perf_counter()
+    ray.init(num_cpus=THREADS, include_dashboard=False, logging_level="ERROR")
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    ray_s = time.perf_counter() - start
+    summary = segment(cfg, log=lambda line: stamps.append((time.perf_counter() - start, line)))
+    wall = time.perf_counter() - start
+    ray.shutdown()
+    images = pq.read_table(os.path.join(out, "images"))
+    infer_s = sum(v or 0 for v in images.column("infer_ms").to_pylist()) / 1e3
+    decode_s = sum(v or 0 for v in images.column("decode_ms").to_pylist()) / 1e3
+    data_files = sum(len(os.listdir(os.path.join(out, d))) for d in ("images", "detections"))
+    processing = next((t for t, line in stamps if line.startswith("processing")), 0.0)
+    return {
+        "images_s": summary.images / wall,
+        "wall": wall,
+        "ray_s": ray_s,
+        "plan_s": processing - ray_s,
+        "infer_s": infer_s,
+        "decode_s": decode_s,
+        "detections": summary.detections,
+        "images": summary.images,
+        "errors": summary.errors,
+        "data_files": data_files,
+        "driver_files": len(writes.paths),
+    }
+
+
+def part_pipeline(args, work: str) -> dict:
+    folder = os.path.join(work, "jpegs")
+    files = make_jpegs(folder, args.images)
+    writes = DriverWrites(work)
+    print(f"\n== pipeline vs bare: {len(files)} JPEGs of 96-144 px, min_size {MIN_SIZE}, {THREADS} threads")
+    bare_s, bare_dets = bare_loop(files)
+    print(f"bare loop: {bare_s:.2f} images/s, {bare_dets / len(files):.1f} detections per image")
+    p = pipeline_run(folder, os.path.join(work, "out-pipeline"), writes)
+    ratio = p["images_s"] / bare_s
+    rest = p["wall"] - p["infer_s"]
+    print(
+        f"pipeline: {p['images_s']:.2f} images/s end to end ({p['images']} images, {p['errors']} errors, "
+        f"{p['detections'] / max(p['images'], 1):.1f} detections per image) in {p['wall']:.1f} s"
+    )
+    print(
+        f"  profile: Ray start {p['ray_s']:.1f} s, planning {p['plan_s']:.1f} s, model + masks on the actor's main "
+        f"thread {p['infer_s']:.1f} s (sum of infer_ms), decode on read threads {p['decode_s']:.1f} s (overlapped); "
+        f"the rest — actor start and model load, reads, Parquet, waits — {rest - p['ray_s'] - p['plan_s']:.1f} s"
+    )
+    print(
+        f"  bare loop at the same rate would take {p['images'] / bare_s:.1f} s; the actor's model time "
+        f"{p['infer_s']:.1f} s is {p['infer_s'] / (p['images'] / bare_s):.2f}x of it"
+    )
+    print(f"driver-created Parquet data files: {p['driver_files']} of {p['data_files']}")
+    return {"pipeline_vs_bare": round(ratio, 3), "driver_parquet_files": p["driver_files"]}
+
+
+# --- 2. the write path alone ----------------------------------------------------------------------------------------
+
+
+def detections_pool(n: int = 256, per_image: int = 12, seed: int = 0):
+    """Realistic detections of 640×480 images: boxes, labels, scores, RLE of ellipses (what masks look like)."""
+    import numpy as np
+
+    from model.postprocess import Detections, encode_binary_masks
+
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[:480, :640]
+    pool = []
+    for _ in range(n):
+        masks, boxes = [], []
+        for _ in range(per_image):
+            cy, cx = rng.uniform(20, 460), rng.uniform(20, 620)
+            ry, rx = rng.uniform(4, 80), rng.uniform(4, 80)
+            masks.append(((yy - cy) / ry) ** 2 + ((xx - cx) / rx) ** 2 <= 1)
+            boxes.append([cx - rx, cy - ry, 2 * rx, 2 * ry])
+        masks = np.stack(masks)
+        pool.append(
+            Detections(
+                boxes_xywh=np.array(boxes, np.float32),
+                labels=rng.integers(1, 91, per_image),
+                scores=np.sort(rng.uniform(0.5, 1, per_image).astype(np.float32))[::-1].copy(),
+                rles=encode_binary_masks(masks),
+                areas=masks.sum(axis=(1, 2)),
+            )
+        )
+    return pool
+
+
+def write_units(endpoint: str, prefix: str, *, units: int, unit_size: int, writers: int, pool) -> float:
+    """images/s committed by `writers` writers (threads), each committing whole units one after another."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from model.labels import COCO_CATEGORIES
+    from pipeline.segment.write import Output, UnitWriter
+
+    out = Output(f"s3://{prefix}", storage_options={"client_kwargs": {"endpoint_url": endpoint}})
+
+    def one(u: int) -> None:
+        w = UnitWriter(out, f"{u:08d}", model_id="m", run_id="bench", class_names=list(COCO_CATEGORIES))
+        for i in range(unit_size):
+            d = pool[(u * unit_size + i) % len(pool)]
+            w.add(
+                i,
+                f"s3://archive/{u:08d}/{i:05d}.jpg",
+                nbytes=150_000,
+                height=480,
+                width=640,
+                decode_ms=2.0,
+                infer_ms=3.0,
+                detections=d,
+            )
+        w.commit()
+
+    start = time.perf_counter()
+    with ThreadPoolExecutor(writers) as pool_:
+        list(pool_.map(one, range(units)))
+    return units * unit_size / (time.perf_counter() - start)
+
+
+def part_write(args, work: str) -> dict:
+    from tests.s3proxy import FaultyS3
+
+    units = 3 if args.quick else 8
+    pool = detections_pool()
+    print(f"\n== write path: UnitWriter → moto S3 behind a proxy adding {args.latency_ms} ms per request")
+    with moto_server() as endpoint, FaultyS3(endpoint, [], latency_s=args.latency_ms / 1e3) as proxy:
+        fs = s3(endpoint)
+        fs.mkdir("write")
+        one = write_units(proxy.endpoint, "write/one", units=units, unit_size=2048, writers=1, pool=pool)
+        four = write_units(
+            proxy.endpoint, "write/four", units=2 * units, unit_size=2048, writers=4, pool=pool
+        )
+        old = write_units(proxy.endpoint, "write/old", units=units * 4, unit_size=64, writers=1, pool=pool)
+        objects = len(fs.find("write/one"))
+    print(
+        f"units of 2,048 images, one writer (one actor): {one:,.0f} images/s committed ({objects} objects for {units} units)"
+    )
+    print(f"units of 2,048 images, four writers (four actors): {four:,.0f} images/s")
+    print(f"before: units of 64 images committed one after another by one writer: {old:,.0f} images/s")
+    return {"write_img_s": round(one), "write_img_s_4": round(four), "write_old_img_s": round(old)}
+
+
+# --- 3. planning, the job at scale, objects, driver memory, resume ---------------------------------------------------
+
+
+def run_job(job_args: list[str], env: dict, log: str) -> tuple[float, int, str, int]:
+    """`jobs/segment_archive.py` as a user runs it, in a subprocess with its own embedded Ray; returns (seconds,
+    exit status, output, the driver's peak RSS in KiB from its own getrusage at exit)."""
+    wrapper = (
+        "import atexit, resource, runpy, sys\n"
+        "atexit.register(lambda: print('DRIVER_MAXRSS_KIB', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, "
+        "file=sys.stderr, flush=True))\n"
+        f"sys.argv = {[os.path.join(ROOT, 'jobs', 'segment_archive.py'), *job_args]!r}\n"
+        "runpy.run_path(sys.argv[0], run_name='__main__')\n"
+    )
+    with tempfile.TemporaryDirectory(prefix="bs-") as ray_tmp:
+        env = {**env, "RAY_TMPDIR": ray_tmp}
+        start = time.perf_counter()
+        r = subprocess.run([sys.executable, "-c", wrapper], capture_output=True, text=True, env=env, cwd=ROOT)
+        seconds = time.perf_counter() - start
+    with open(log, "w") as f:
+        f.write(r.stdout + "\n--- stderr\n" + r.stderr)
+    rss = re.search(r"DRIVER_MAXRSS_KIB (\d+)", r.stderr)
+    return seconds, r.returncode, r.stdout + r.stderr, int(rss[1]) if rss else -1
+
+
+def part_scale(args, work: str) -> dict:
+    import ray
+
+    from pipeline.segment import plan as plan_mod
+    from tests.s3inventory import write_inventory
+    from tests.s3proxy import FaultyS3
+
+    n = args.inputs
+    per = n // PREFIXES
+    keys = [f"photos/p{k:03d}/img-{i:07d}.jpg" for k in range(PREFIXES) for i in range(per)]
+    figures: dict = {}
+    print(f"\n== scale: {len(keys):,} objects on moto S3 under {PREFIXES} prefixes")
+    with moto_server() as endpoint:
+        fs = s3(endpoint)
+        for b in ("in", "plans", "out-small", "out-all"):
+            fs.mkdir(b)
+        start = time.perf_counter()
+        put_many(fs, {f"in/{k}": b"not a jpeg" for k in keys})
+        print(f"uploaded in {time.perf_counter() - start:.0f} s")
+        opts = {"client_kwargs": {"endpoint_url": endpoint}}
+
+        # Planning: the driver's concurrent prefix listing, then an S3 Inventory report read by Ray tasks.
+        start = time.perf_counter()
+        listed = sum(1 for _ in plan_mod.iter_inputs("s3://in/photos/", storage_options=opts))
+        list_s = time.perf_counter() - start
+        assert listed == len(keys), listed
+        figures["plan_keys_per_s"] = round(listed / list_s)
+        print(
+            f"prefix listing: {listed:,} keys in {list_s:.1f} s = {listed / list_s:,.0f} keys/s ({plan_mod.LIST_THREADS} listings in flight)"
+        )
+        manifest = write_inventory(fs, "in", [["in", k, "11", "false"] for k in keys], parts=10)
+        ray.init(num_cpus=THREADS, include_dashboard=False, logging_level="ERROR")
+        try:
+            sources = plan_mod.manifest_sources(manifest, storage_options=opts)
+            start = time.perf_counter()
+            parts, _ = plan_mod.plan_manifest(
+                sources,
+                plan_url="s3://plans/inventory",
+                unit_size=2048,
+                manifest_options=opts,
+                plan_options=opts,
+                read_cpus=0.25,
+            )
+            inv_s = time.perf_counter() - start
+        finally:
+            ray.shutdown()
+        planned = sum(p.inputs for p in parts)
+        assert planned == len(keys), planned
+        figures["inventory_keys_per_s"] = round(planned / inv_s)
+        print(
+            f"S3 Inventory ({len(sources)} gzipped CSV parts, Ray tasks): {planned:,} keys in {inv_s:.1f} s = {planned / inv_s:,.0f} keys/s"
+        )
+
+        # The job as a user runs it, on a tenth of the inputs and on all of them.
+        env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+        common = [
+            "--set",
+            "model.weights=none",
+            "--set",
+            f"model.min_size={MIN_SIZE}",
+            "--set",
+            f"model.max_size={MAX_SIZE}",
+        ]
+        rss = {}
+        for name, url, count in (
+            ("small", "s3://in/photos/p00?/", len(keys) // 10),  # p000-p009: a tenth of the 100 prefixes
+            ("all", "s3://in/photos/", len(keys)),
+        ):
+            sets = [
+                *common,
+                "--set",
+                f"input.storage.endpoint_url={endpoint}",
+                "--set",
+                f"output.storage.endpoint_url={endpoint}",
+            ]
+            seconds, code, output, kib = run_job(
+                ["--input", url, "--output", f"s3://out-{name}/run", *sets],
+                env,
+                os.path.join(work, f"job-{name}.log"),
+            )
+            if code != 0:
+                raise SystemExit(f"the job on {url} failed ({code}):\n{output[-3000:]}")
+            images = re.search(r"images: (\d+)", output)
+            assert images and int(images[1]) == count, (images and images[1], count)
+            rss[name] = kib / 1024
+            print(
+                f"job on {count:,} inputs: {seconds:.0f} s ({count / seconds:,.0f} inputs/s), driver peak RSS {kib / 1024:.0f} MiB"
+            )
+        figures["driver_rss_small_mib"] = round(rss["small"])
+        figures["driver_rss_all_mib"] = round(rss["all"])
+        figures["driver_rss_growth"] = round(rss["all"] / rss["small"] - 1, 3)
+
+        objects = [p for p in fs.find("out-all/run") if not p.endswith("/")]
+        kinds: dict[str, int] = {}
+        for p in objects:
+            rel = p[len("out-all/run/") :]
+            kind = rel.split("/")[0] if "/" in rel else rel
+            kinds[kind] = kinds.get(kind, 0) + 1
+        figures["objects_per_million"] = round(len(objects) * 1_000_000 / len(keys))
+        print(
+            f"objects left by the run on {len(keys):,} inputs: {len(objects)} ({', '.join(f'{k} {v}' for k, v in sorted(kinds.items()))}) = {figures['objects_per_million']:,} per 10^6 inputs"
+        )
+
+        # Resume of the finished run: the same command again, every request counted.
+        with FaultyS3(endpoint, []) as proxy:
+            sets = [
+                *common,
+                "--set",
+                f"input.storage.endpoint_url={proxy.endpoint}",
+                "--set",
+                f"output.storage.endpoint_url={proxy.endpoint}",
+            ]
+            seconds, code, output, _ = run_job(
+                ["--input", "s3://in/photos/", "--output", "s3://out-all/run", *sets],
+                env,
+                os.path.join(work, "job-resume.log"),
+            )
+            assert code == 0 and "0 committed now" in output, output[-3000:]
+            figures["resume_requests"] = proxy.requests
+            figures["resume_s"] = round(seconds, 1)
+            print(
+                f"resume of the finished run: {proxy.requests} requests ({dict(proxy.by_method)}), {seconds:.1f} s (process start to exit)"
+            )
+    return figures
+
+
+# --- 4. query ---------------------------------------------------------------------------------------------------------
+
+
+def part_query(args, work: str) -> dict:
+    from bench.query import QUERIES, write_results
+    from pipeline.results.open import open_results
+    from pipeline.results.query import sql
+
+    root = os.path.join(work, "query-results")
+    start = time.perf_counter()
+    rows, _ = write_results(root, rows=args.query_rows, per_image=12.0, unit_size=2048, seed=0)
+    files = len(os.listdir(os.path.join(root, "detections")))
+    print(
+        f"\n== query: {rows:,} detection rows in {files} files per table (2,048 images per file), written in {time.perf_counter() - start:.0f} s"
+    )
+    results = open_results(root)
+    query = QUERIES["per_label_counts"]
+    sql(results, query)  # untimed: page cache and imports warm, as for any second query
+    times = []
+    for _ in range(3):
+        t = time.perf_counter()
+        answer = sql(open_results(root), query)
+        times.append(time.perf_counter() - t)
+    assert sum(answer.column("n").to_pylist()) == rows
+    t = time.perf_counter()
+    r = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "jobs", "query.py"), root, "sql", query],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+    )
+    cli_s = time.perf_counter() - t
+    assert r.returncode == 0, r.stderr[-2000:]
+    print(
+        f"per-label counts: {statistics.median(times):.3f} s (median of 3; open + bind + query); jobs/query.py sql, process start to exit: {cli_s:.2f} s"
+    )
+    return {"query_s": round(statistics.median(times), 3), "query_cli_s": round(cli_s, 2)}
+
+
+PARTS = {"pipeline": part_pipeline, "write": part_write, "scale": part_scale, "query": part_query}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="every part smaller (under 10 minutes)")
+    p.add_argument(
+        "--images", type=int, default=None, help="JPEGs for pipeline vs bare (default 1000; quick 150)"
+    )
+    p.add_argument(
+        "--inputs", type=int, default=None, help="objects for the scale part (default 100000; quick 10000)"
+    )
+    p.add_argument(
+        "--query-rows", type=int, default=None, help="detection rows to query (default 10^7; quick 10^6)"
+    )
+    p.add_argument("--latency-ms", type=float, default=50.0, help="added to every request of the write part")
+    p.add_argument("--only", default=",".join(PARTS), help=f"comma-separated parts: {', '.join(PARTS)}")
+    args = p.parse_args()
+    args.images = args.images or (150 if args.quick else 1000)
+    args.inputs = args.inputs or (10_000 if args.quick else 100_000)
+    args.query_rows = args.query_rows or (1_000_000 if args.quick else 10_000_000)
+    print(f"machine: {os.cpu_count()} CPUs; python {sys.version.split()[0]}")
+    figures: dict = {}
+    work = tempfile.mkdtemp(prefix="bench-scale-")
+    try:
+        for name in args.only.split(","):
+            figures.update(PARTS[name.strip()](args, work))
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    print(" ".join(f"{k}={v}" for k, v in figures.items()))
+
+
+if __name__ == "__main__":
+    main()

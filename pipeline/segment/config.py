@@ -1,0 +1,119 @@
+"""Typed, validated configuration of the segment job; every key is documented in `configs/segment_archive.yaml`.
+
+Built from a plain dict (`pipeline.config.from_dict`): unknown keys and bad values fail before any work starts,
+naming the dotted key and what is allowed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Literal
+
+from pipeline.config import ConfigError, StorageConfig, check_ranges, from_dict
+
+
+@dataclasses.dataclass(frozen=True)
+class InputConfig:
+    url: str | None = None
+    max_pixels: int = 100_000_000
+    # Loose files per work unit: the unit of retry, of resume and of storage (one images/ and one detections/ file
+    # each). 2,048 keeps an archive of 10^6 images at ~490 files per table (~1,500 objects with the completion
+    # records) while a unit is a few seconds of one GPU; on CPU-only clusters lower it for finer resume.
+    unit_size: int = 2048
+    storage: StorageConfig = dataclasses.field(default_factory=StorageConfig)
+
+    def storage_options(self) -> dict[str, Any]:
+        return self.storage.options_for(self.url or "")
+
+
+@dataclasses.dataclass(frozen=True)
+class OutputConfig:
+    url: str | None = None
+    mode: Literal["resume", "overwrite"] = "resume"
+    # Seconds a run's lease on the output lasts without renewal (renewed every third of it): how long a second run
+    # waits before it may take over the output of a run that died without releasing it (S3 outputs; local outputs
+    # use a lock the operating system drops with the process).
+    lease_s: float = 60.0
+    storage: StorageConfig = dataclasses.field(default_factory=StorageConfig)
+
+    def storage_options(self) -> dict[str, Any]:
+        return self.storage.options_for(self.url or "")
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    weights: str = "DEFAULT"
+    min_size: int | None = None  # None ("auto"): the checkpoint's own, else torchvision's 800
+    max_size: int | None = None  # None ("auto"): the checkpoint's own, else torchvision's 1333
+    score_threshold: float = 0.5
+    max_detections: int = 100
+    batch_size: int | None = None  # None ("auto"): 1 on CPU actors, 4 on GPUs (measured: BENCHMARKS.md)
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    storage: StorageConfig = dataclasses.field(default_factory=StorageConfig)
+
+    def storage_options(self) -> dict[str, Any]:
+        return self.storage.options_for(self.weights)
+
+
+@dataclasses.dataclass(frozen=True)
+class ComputeConfig:
+    min_actors: int | None = None
+    max_actors: int | None = None
+    gpus_per_actor: float | None = None
+    cpus_per_actor: float | None = None
+    threads_per_actor: int | None = None
+    # Threads per actor that read and decode the next images while the model runs (I/O-bound reads from object
+    # storage need many in flight; decoding releases the GIL). None ("auto"): 16.
+    io_threads: int | None = None
+    read_cpus: float = 0.25
+
+
+@dataclasses.dataclass(frozen=True)
+class SegmentConfig:
+    input: InputConfig = dataclasses.field(default_factory=InputConfig)
+    output: OutputConfig = dataclasses.field(default_factory=OutputConfig)
+    model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
+    compute: ComputeConfig = dataclasses.field(default_factory=ComputeConfig)
+    on_image_error: Literal["record", "raise"] = "record"
+    progress_interval_s: float = 10.0
+
+
+# Value ranges that a type alone cannot express.
+_RANGES: dict[str, tuple[float, float]] = {
+    "input.max_pixels": (1, float("inf")),
+    "input.unit_size": (1, 1_000_000),
+    "model.min_size": (32, 10_000),
+    "model.max_size": (32, 20_000),
+    "model.score_threshold": (0.0, 1.0),
+    "model.max_detections": (1, 10_000),
+    "model.batch_size": (1, 1024),
+    "compute.min_actors": (1, 100_000),
+    "compute.max_actors": (1, 100_000),
+    "compute.gpus_per_actor": (0.0, 64.0),
+    "compute.cpus_per_actor": (0.0, 1024.0),
+    "compute.threads_per_actor": (1, 1024),
+    "compute.io_threads": (1, 256),
+    "compute.read_cpus": (0.01, 64.0),
+    "output.lease_s": (3.0, 86_400.0),
+    "progress_interval_s": (0.1, 86_400.0),
+}
+
+
+def segment_config(data: dict | None) -> SegmentConfig:
+    """Validate a full segment-job config dict (defaults filled in) and the rules that span keys."""
+    cfg: SegmentConfig = from_dict(SegmentConfig, data)
+    check_ranges(cfg, _RANGES)
+    if not cfg.input.url:
+        raise ConfigError("input.url: required (give --input URL or set input.url)")
+    if not cfg.output.url:
+        raise ConfigError("output.url: required (give --output URL or set output.url)")
+    m, c = cfg.model, cfg.compute
+    if m.min_size and m.max_size and m.max_size < m.min_size:
+        raise ConfigError(f"model.max_size: must be >= model.min_size ({m.min_size}), got {m.max_size}")
+    if c.min_actors and c.max_actors and c.max_actors < c.min_actors:
+        raise ConfigError(
+            f"compute.max_actors: must be >= compute.min_actors ({c.min_actors}), got {c.max_actors}"
+        )
+    if m.device == "cuda" and c.gpus_per_actor == 0:
+        raise ConfigError("compute.gpus_per_actor: must be > 0 (or auto) when model.device is 'cuda'")
+    return cfg

@@ -1,0 +1,284 @@
+"""Read: a work unit's inputs as bytes, then decoded, ahead of the model and off its thread.
+
+Runs inside the inference actor. `decoded_inputs(unit, ...)` yields one `Decoded` per input of the unit, in the
+unit's order, while `io_threads` threads fetch and decode the next ones: object-store reads take tens of
+milliseconds each and need many in flight, and PIL decodes with the GIL released, so neither holds up the model
+on the actor's main thread. At most `depth` inputs are fetched or decoded ahead (memory: `depth` decoded images).
+
+Per-input failures are data, never exceptions: a read that fails after retries, bytes that are not an image, an
+image too thin for the model's sizes each become a `Decoded` with `error` set (and the same reasons as the
+`images.error` column documents). A unit whose list cannot be read at all (storage down) raises.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import queue
+import tarfile
+import threading
+import time
+from collections.abc import Callable, Iterator
+
+import fsspec
+import numpy as np
+
+from model.decode import DecodeError, decode_image
+from pipeline import retry
+from pipeline.errors import describe_storage_error
+from pipeline.segment.plan import TAR_MEMBER_SEP, Unit, is_image_name, read_unit_list
+
+
+@dataclasses.dataclass
+class Decoded:
+    """One input of a unit, read and decoded (or the reason it could not be)."""
+
+    index: int  # position within the unit
+    image_uri: str
+    nbytes: int | None  # size of the encoded input; None when it could not be read
+    image: np.ndarray | None = None  # RGB uint8 [H, W, 3], upright
+    error: str | None = None
+    decode_ms: float | None = None
+    height: int | None = None
+    width: int | None = None
+
+
+def decoded_inputs(
+    unit: Unit,
+    *,
+    input_options: dict | None = None,
+    plan_options: dict | None = None,
+    max_pixels: int,
+    min_size: int,
+    max_size: int,
+    threads: int = 16,
+    depth: int | None = None,
+) -> Iterator[Decoded]:
+    """The unit's inputs, decoded, in order; `threads` fetch and decode ahead, at most `depth` (default
+    `2 * threads`) inputs in flight."""
+    check = _Checks(max_pixels=max_pixels, min_size=min_size, max_size=max_size)
+    jobs = _jobs(unit, input_options or {}, plan_options or {}, check.decode)
+    yield from _run_ahead(jobs, threads=threads, depth=depth or 2 * threads)
+
+
+@dataclasses.dataclass(frozen=True)
+class RawInput:
+    index: int
+    image_uri: str
+    data: bytes | None
+    error: str | None  # why there are no bytes (a read failure, a corrupt tar)
+
+
+def read_inputs(
+    unit: Unit, *, input_options: dict | None = None, plan_options: dict | None = None, threads: int = 16
+) -> Iterator[RawInput]:
+    """The unit's inputs as bytes, in order, undecoded (what `decoded_inputs` decodes)."""
+    jobs = _jobs(unit, input_options or {}, plan_options or {}, RawInput)
+    yield from _run_ahead(jobs, threads=threads, depth=2 * threads)
+
+
+def _jobs(unit: Unit, input_options: dict, plan_options: dict, finish: Callable) -> Iterator[Callable]:
+    """Callables that each produce one input's result: `finish(index, image_uri, bytes or None, error or None)`."""
+    if unit.kind == "tar":
+        for index, image_uri, data, error in _tar_members(unit, input_options):
+            yield lambda i=index, u=image_uri, d=data, e=error: finish(i, u, d, e)
+    else:
+        yield from _file_jobs(unit, input_options, plan_options, finish)
+
+
+# --- the pipeline ----------------------------------------------------------------------------------------------------
+
+_END = object()
+
+
+def _run_ahead(jobs: Iterator[Callable[[], Decoded]], *, threads: int, depth: int) -> Iterator[Decoded]:
+    """Run `jobs` on a thread pool, yielding their results in order with at most `depth` in flight.
+
+    The `jobs` iterator itself runs on a producer thread, because producing a job may mean reading (a tar shard is
+    read member by member); the consumer only waits for results. An exception in the producer or in a job is
+    raised to the consumer; a consumer that stops early stops the producer.
+    """
+    pool = _pool(threads)
+    slots: queue.Queue = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+
+    def produce() -> None:
+        try:
+            for job in jobs:
+                item = pool.submit(job)
+                while not stop.is_set():
+                    try:
+                        slots.put(item, timeout=0.1)
+                        break
+                    except queue.Full:
+                        continue
+                if stop.is_set():
+                    return
+            slots.put(_END)
+        except BaseException as e:  # noqa: BLE001  (handed to the consumer, which raises it)
+            slots.put(e)
+
+    producer = threading.Thread(target=produce, name="read-ahead", daemon=True)
+    producer.start()
+    try:
+        while True:
+            item = slots.get()
+            if item is _END:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            yield item.result()
+    finally:
+        stop.set()
+        while producer.is_alive():  # drain so a blocked producer sees the stop
+            try:
+                slots.get(timeout=0.05)
+            except queue.Empty:
+                pass
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _pool(threads: int):
+    import concurrent.futures
+
+    return concurrent.futures.ThreadPoolExecutor(max(1, threads), thread_name_prefix="read")
+
+
+@dataclasses.dataclass(frozen=True)
+class _Checks:
+    max_pixels: int
+    min_size: int
+    max_size: int
+
+    def decode(self, index: int, image_uri: str, data: bytes | None, read_error: str | None) -> Decoded:
+        """Bytes (or the reason there are none) → `Decoded`."""
+        if read_error is not None:
+            return Decoded(index, image_uri, None, error=read_error)
+        item = Decoded(index, image_uri, len(data))
+        t0 = time.perf_counter()
+        try:
+            image = decode_image(data, max_pixels=self.max_pixels)
+        except DecodeError as e:
+            item.error = e.reason
+            return item
+        finally:
+            item.decode_ms = (time.perf_counter() - t0) * 1e3
+        item.height, item.width = int(image.shape[0]), int(image.shape[1])
+        item.error = too_thin(item.height, item.width, self.min_size, self.max_size)
+        if item.error is None:
+            item.image = image
+        return item
+
+
+def too_thin(height: int, width: int, min_size: int, max_size: int) -> str | None:
+    """The reason an image cannot be segmented at these sizes, or None.
+
+    torchvision scales an image by `min(min_size / short side, max_size / long side)`; an extreme strip (e.g. 1×500
+    under `max_size` 192) would shrink to under one pixel and fail inside the model with an opaque error.
+    """
+    short, long = min(height, width), max(height, width)
+    scale = min(min_size / short, max_size / long)
+    if int(short * scale) < 1:
+        return (
+            f"image too thin to segment: {width}x{height} would be resized to under 1 pixel "
+            f"(short side scaled by {scale:.3g} to fit model max_size={max_size})"
+        )
+    return None
+
+
+# --- loose files -----------------------------------------------------------------------------------------------------
+
+
+def _file_jobs(unit: Unit, input_options: dict, plan_options: dict, finish: Callable) -> Iterator[Callable]:
+    entries = read_unit_list(unit, plan_options=plan_options)
+    filesystems: dict[str, object] = {}
+    lock = threading.Lock()
+
+    def fs_for(url: str):
+        protocol = url.split("://", 1)[0] if "://" in url else "file"
+        with lock:
+            if protocol not in filesystems:
+                filesystems[protocol] = fsspec.core.url_to_fs(url, **input_options)[0]
+            return filesystems[protocol]
+
+    def job(index: int, read_url: str, image_uri: str) -> Decoded:
+        fs = fs_for(read_url)
+        try:
+            # Retried on transient errors (throttling, 5xx, a dropped connection or a body cut short: see
+            # `pipeline.retry`), so that a storage hiccup does not become a permanent `read failed` row.
+            data = retry.call(fs.cat_file, fs._strip_protocol(read_url))
+        except Exception as e:  # per input: becomes that input's error row
+            return finish(index, image_uri, None, f"read failed: {describe_storage_error(image_uri, e)}")
+        return finish(index, image_uri, bytes(data), None)
+
+    for index, (read_url, image_uri) in enumerate(entries):
+        yield lambda i=index, r=read_url, u=image_uri: job(i, r, u)
+
+
+# --- tar shards ------------------------------------------------------------------------------------------------------
+
+
+class _TransientTarError(Exception):
+    """A shard read that failed on a transient storage error: `_tar_members` starts the shard again."""
+
+
+def _tar_members(unit: Unit, opts: dict) -> Iterator[tuple[int, str, bytes | None, str | None]]:
+    """`(index, image_uri, bytes or None, read error or None)` per image member; a transient storage error
+    mid-shard (see `pipeline.retry`) re-reads the shard from the start, skipping the members already yielded (a
+    tar's member order is fixed), instead of ending the shard with an error."""
+    done = 0
+    for attempt in range(retry.ATTEMPTS + 1):
+        try:
+            for item in _tar_members_once(unit, opts, retry_transient=attempt < retry.ATTEMPTS):
+                if item[0] >= done:
+                    done = item[0] + 1
+                    yield item
+            return
+        except _TransientTarError:
+            time.sleep(retry.delay(attempt))
+
+
+def _tar_members_once(unit: Unit, opts: dict, *, retry_transient: bool) -> Iterator[tuple]:
+    index = 0
+    error: str | None = None
+    try:
+        # Seekable mode ("r:"), not stream mode: fsspec files seek (s3fs reads ahead in blocks), and a known
+        # size lets us tell a clean end of archive from a truncated one, which tarfile treats the same.
+        with fsspec.open(unit.location, "rb", **opts) as f, tarfile.open(fileobj=f, mode="r:") as tf:
+            for member in tf:
+                if not member.isfile() or not is_image_name(member.name):
+                    continue
+                image_uri = f"{unit.image_uri}{TAR_MEMBER_SEP}{member.name}"
+                try:
+                    extracted = tf.extractfile(member)
+                    item = (index, image_uri, extracted.read() if extracted else b"", None)
+                except (tarfile.TarError, OSError, EOFError) as e:
+                    if retry.is_transient(e):
+                        raise  # a storage hiccup, not a corrupt member: handled for the whole shard below
+                    item = (index, image_uri, None, f"corrupt tar member: {type(e).__name__}: {e}")
+                    error = f"corrupt tar shard after member {member.name!r}: {type(e).__name__}: {e}"
+                index += 1
+                yield item
+                if error:
+                    break
+            if error is None:
+                error = _end_of_archive_problem(tf)
+    except Exception as e:
+        transient = retry.is_transient(e)  # also aiohttp's ClientPayloadError (a body cut short), no OSError
+        if not transient and not isinstance(e, (tarfile.TarError, OSError, EOFError)):
+            raise
+        if transient and retry_transient:
+            raise _TransientTarError from e
+        error = f"corrupt or unreadable tar shard: {describe_storage_error(unit.image_uri, e)}"
+    if error or index == 0:
+        # The shard itself gets a row when it ends early or holds no image: an input we could not fully read.
+        yield (index, unit.image_uri, None, error or "tar shard holds no image members")
+
+
+def _end_of_archive_problem(tf: tarfile.TarFile) -> str | None:
+    """tarfile stops silently at a truncated or corrupt header; a real archive ends with a zero block there."""
+    tf.fileobj.seek(tf.offset)
+    block = tf.fileobj.read(tarfile.BLOCKSIZE)
+    if len(block) == tarfile.BLOCKSIZE and not block.strip(b"\0"):
+        return None
+    what = "ends inside a header (truncated)" if len(block) < tarfile.BLOCKSIZE else "has a corrupt header"
+    return f"corrupt tar shard: {what} at byte {tf.offset}"

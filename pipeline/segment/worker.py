@@ -1,0 +1,136 @@
+"""The inference actor: one work unit per call — read → decode → infer → write — returning the unit's counts.
+
+Under Ray Data it is the class given to `map_batches` on an actor pool, one instance per actor (per GPU). Callable
+without Ray on a list of unit rows, which is how the tests drive it. The model stays on the actor's main thread;
+`pipeline.segment.read` fetches and decodes the next inputs on `io_threads` threads meanwhile.
+
+The actor writes the unit's files itself (`pipeline.segment.write.UnitWriter`), so rows never travel to the
+driver: it returns one small row of counts per unit.
+
+Per-image failures follow a named policy (`on_image_error`):
+- `"record"` (default): the image becomes an `images` row with `status="error"` and the reason; the unit goes on.
+- `"raise"`: the first bad image fails the job (for debugging a pipeline on known-good data).
+"""
+
+from __future__ import annotations
+
+import time
+
+import pyarrow as pa
+
+from model.build import ModelSpec
+from pipeline.segment.infer import Segmenter
+from pipeline.segment.plan import Unit
+from pipeline.segment.read import Decoded, decoded_inputs
+from pipeline.segment.write import Output, UnitStats, UnitWriter, stats_table
+
+ERROR_POLICIES = ("record", "raise")
+
+
+class ImageError(RuntimeError):
+    """Raised under the `"raise"` policy; names the input."""
+
+
+class SegmentWorker:
+    def __init__(
+        self,
+        *,
+        spec: ModelSpec,
+        score_threshold: float,
+        output_url: str,
+        max_detections: int = 100,
+        device: str = "cpu",
+        threads: int | None = None,
+        io_threads: int = 16,
+        max_pixels: int = 100_000_000,
+        batch_size: int = 4,
+        on_image_error: str = "record",
+        run_id: str = "",
+        output_options: dict | None = None,
+        input_options: dict | None = None,
+        weights_storage_options: dict | None = None,
+    ):
+        if on_image_error not in ERROR_POLICIES:
+            raise ValueError(f"on_image_error must be one of {ERROR_POLICIES}, got {on_image_error!r}")
+        self.segmenter = Segmenter(
+            spec=spec,
+            score_threshold=score_threshold,
+            max_detections=max_detections,
+            device=device,
+            threads=threads,
+            weights_storage_options=weights_storage_options,
+        )
+        self.spec, self.run_id = spec, run_id
+        self.output = Output(output_url, storage_options=output_options)
+        self.input_options = dict(input_options or {})
+        self.output_options = dict(output_options or {})
+        self.io_threads, self.max_pixels = io_threads, max_pixels
+        self.batch_size, self.on_image_error = batch_size, on_image_error
+
+    def __call__(self, batch: pa.Table | dict) -> pa.Table:
+        """Rows of `Unit`s (Arrow table or dict of columns) → one `STATS_SCHEMA` row per unit, once it is committed."""
+        cols = batch.to_pydict() if isinstance(batch, pa.Table) else {k: list(v) for k, v in batch.items()}
+        units = [Unit(**{k: cols[k][i] for k in cols}) for i in range(len(cols["unit_id"]))]
+        return stats_table([self.process(u) for u in units])
+
+    def process(self, unit: Unit) -> UnitStats:
+        """Segment every input of `unit` and commit its files; returns the unit's counts."""
+        writer = UnitWriter(
+            self.output,
+            unit.unit_id,
+            model_id=self.spec.model_id,
+            run_id=self.run_id,
+            class_names=list(self.spec.class_names),
+        )
+        batch: list[Decoded] = []
+        inputs = decoded_inputs(
+            unit,
+            input_options=self.input_options,
+            plan_options=self.output_options,
+            max_pixels=self.max_pixels,
+            min_size=self.spec.min_size,
+            max_size=self.spec.max_size,
+            threads=self.io_threads,
+            depth=max(2 * self.io_threads, 2 * self.batch_size),
+        )
+        for item in inputs:
+            if item.error is not None:
+                self._fail(writer, item, item.error)
+                continue
+            batch.append(item)
+            if len(batch) >= self.batch_size:
+                self._infer(writer, batch)
+                batch = []
+        if batch:
+            self._infer(writer, batch)
+        return writer.commit()
+
+    def _infer(self, writer: UnitWriter, batch: list[Decoded]) -> None:
+        t0 = time.perf_counter()
+        results = self.segmenter.predict_each([item.image for item in batch])
+        share_ms = (time.perf_counter() - t0) * 1e3 / len(batch)
+        for item, result in zip(batch, results):
+            item.image = None  # the pixels are done with; the unit's writer keeps only results
+            if isinstance(result, Exception):
+                self._fail(
+                    writer, item, f"inference failed: {type(result).__name__}: {result}", infer_ms=share_ms
+                )
+            else:
+                _add(writer, item, infer_ms=share_ms, detections=result)
+
+    def _fail(self, writer: UnitWriter, item: Decoded, reason: str, *, infer_ms: float | None = None) -> None:
+        if self.on_image_error == "raise":
+            raise ImageError(f"{item.image_uri}: {reason}")
+        _add(writer, item, infer_ms=infer_ms, error=reason)
+
+
+def _add(writer: UnitWriter, item: Decoded, **outcome) -> None:
+    writer.add(
+        item.index,
+        item.image_uri,
+        nbytes=item.nbytes,
+        height=item.height,
+        width=item.width,
+        decode_ms=item.decode_ms,
+        **outcome,
+    )

@@ -1,0 +1,165 @@
+"""The actor class, called without Ray on a real plan: it reads its unit, runs the model, writes the unit's files;
+same detections as the torchvision model called directly; bad inputs become error rows."""
+
+import io
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import torch
+from PIL import Image
+from pycocotools import mask as mask_utils
+
+from model.build import load_model, resolve_spec
+from model.decode import decode_image
+from pipeline.segment.plan import InputRef, Unit, expand_part, pending_parts, plan_inputs, write_index
+from pipeline.segment.read import too_thin
+from pipeline.segment.worker import ImageError, SegmentWorker
+from tests.conftest import TINY_MODEL, png_bytes
+
+SCORE = 0.05
+
+
+def make_worker(out, **kw):
+    spec = resolve_spec("none", min_size=TINY_MODEL["min_size"], max_size=TINY_MODEL["max_size"])
+    return SegmentWorker(
+        spec=spec, score_threshold=SCORE, output_url=str(out), max_detections=10, threads=2, run_id="r1", **kw
+    )
+
+
+def units_for(tmp_path, files: dict[str, bytes | None], unit_size: int = 100) -> list[Unit]:
+    """Write `files` (None: named in the plan but absent, as if deleted after listing) and plan them."""
+    folder = tmp_path / "in"
+    folder.mkdir(parents=True, exist_ok=True)
+    refs = []
+    for name, data in files.items():
+        if data is not None:
+            (folder / name).write_bytes(data)
+        refs.append(InputRef("file", str(folder / name), name))
+    plan_url = str(tmp_path / "plan")
+    parts = plan_inputs(refs, plan_url=plan_url, unit_size=unit_size)
+    plan = write_index(plan_url, parts, unit_size=unit_size, skipped={})
+    done = np.zeros(plan.units, dtype=bool)
+    return [
+        Unit(**u)
+        for item in pending_parts(plan, done)
+        for u in expand_part(item, plan_url=plan.url, unit_size=unit_size)
+    ]
+
+
+def run(tmp_path, files, **kw):
+    out = tmp_path / "out"
+    worker = make_worker(out, **kw)
+    stats = [worker.process(u) for u in units_for(tmp_path, files)]
+    images = pq.read_table(out / "images").to_pylist()
+    dets = pq.read_table(out / "detections").to_pylist()
+    return stats, images, dets
+
+
+def reference(images):
+    """What a user gets calling torchvision's model directly: same weights, same sizes, same thresholds."""
+    spec = resolve_spec("none", min_size=TINY_MODEL["min_size"], max_size=TINY_MODEL["max_size"])
+    model = load_model(spec, box_score_thresh=SCORE, box_detections_per_img=10)
+    with torch.inference_mode():
+        return model([torch.from_numpy(img).permute(2, 0, 1).float() / 255 for img in images])
+
+
+def assert_matches_reference(det_rows, ref, height, width):
+    keep = ref["scores"] >= SCORE
+    assert len(det_rows) == int(keep.sum()) > 0
+    for k, row in enumerate(det_rows):
+        x1, y1, x2, y2 = ref["boxes"][k].tolist()
+        np.testing.assert_allclose(row["bbox"], [x1, y1, x2 - x1, y2 - y1], rtol=1e-5, atol=1e-3)
+        assert row["label"] == int(ref["labels"][k])
+        assert row["score"] == pytest.approx(float(ref["scores"][k]), rel=1e-5)
+        mask = mask_utils.decode({"size": row["mask"]["size"], "counts": row["mask"]["counts"].encode()})
+        expected = (ref["masks"][k, 0] >= 0.5).numpy()
+        assert mask.shape == (height, width) and np.array_equal(mask.astype(bool), expected)
+        assert row["area"] == int(expected.sum())
+
+
+def test_detections_equal_direct_model_call(shapes_dir, tmp_path):
+    files = sorted((shapes_dir / "val").glob("*.jpg"))[:3]
+    datas = {f.name: f.read_bytes() for f in files}
+    [stats], images, dets = run(tmp_path, datas, batch_size=2)
+    assert [r["status"] for r in images] == ["ok"] * 3 and [r["image_uri"] for r in images] == list(datas)
+    assert (stats.images, stats.ok, stats.detections) == (3, 3, len(dets))
+    decoded = [decode_image(d, max_pixels=10**8) for d in datas.values()]
+    for name, img, ref in zip(datas, decoded, reference(decoded)):
+        rows = [r for r in dets if r["image_uri"] == name]
+        assert_matches_reference(rows, ref, *img.shape[:2])
+        assert [r["instance"] for r in rows] == list(range(len(rows)))
+        assert {r["model_id"] for r in rows} == {images[0]["model_id"]} and {r["run_id"] for r in rows} == {
+            "r1"
+        }
+
+
+def test_bad_inputs_become_error_rows_and_the_unit_goes_on(shapes_dir, tmp_path):
+    good = sorted((shapes_dir / "val").glob("*.jpg"))[0].read_bytes()
+    files = {
+        "good.jpg": good,
+        "empty.jpg": b"",
+        "html.png": b"<html></html>",
+        "missing.jpg": None,  # deleted between listing and reading
+        "trunc.jpg": good[: len(good) // 2],
+    }
+    [stats], rows, dets = run(tmp_path, files, max_pixels=200_000)
+    assert [r["image_uri"] for r in rows] == list(files)
+    assert [r["status"] for r in rows] == ["ok", "error", "error", "error", "error"]
+    assert rows[0]["num_detections"] == len(dets) > 0 and rows[0]["error"] is None
+    assert rows[1]["error"].startswith("empty file")
+    assert rows[2]["error"].startswith("not an image")
+    assert rows[3]["error"].startswith("read failed: missing.jpg: not found") and rows[3]["bytes"] is None
+    assert rows[4]["error"].startswith("truncated or corrupt")
+    assert all(r["num_detections"] == 0 for r in rows[1:])
+    assert stats.error_reasons == {
+        "empty file (0 bytes)": 1,
+        "not an image": 1,
+        "read failed": 1,
+        "truncated or corrupt JPEG data": 1,
+    }
+
+
+def test_pixel_cap_and_raise_policy(shapes_dir, tmp_path):
+    good = sorted((shapes_dir / "val").glob("*.jpg"))[0].read_bytes()
+    _, [row], _ = run(tmp_path, {"big.jpg": good}, max_pixels=100)
+    assert row["status"] == "error" and row["error"].startswith("too many pixels")
+    strict = make_worker(tmp_path / "strict", on_image_error="raise")
+    [unit] = units_for(tmp_path / "strict-plan", {"bad.jpg": b"garbage!"})
+    with pytest.raises(ImageError, match="bad.jpg: not an image"):
+        strict.process(unit)
+    assert not (tmp_path / "strict" / "_committed").exists()  # nothing of the failed unit is trusted
+
+
+def test_no_detections(tmp_path):
+    buf = io.BytesIO()
+    Image.fromarray(np.full((64, 64, 3), 127, np.uint8)).save(buf, format="PNG")
+    worker = make_worker(tmp_path / "out")
+    worker.segmenter.score_threshold = 1.01  # nothing can pass: the zero-detection path
+    [unit] = units_for(tmp_path, {"flat.png": buf.getvalue()})
+    stats = worker.process(unit)
+    [row] = pq.read_table(tmp_path / "out" / "images").to_pylist()
+    assert row["status"] == "ok" and row["num_detections"] == 0 and row["height"] == 64
+    assert stats.detections == 0 and pq.read_table(tmp_path / "out" / "detections").num_rows == 0
+
+
+def test_extreme_strip_is_an_error_row_with_a_reason_and_the_unit_goes_on(tmp_path):
+    strip = png_bytes(np.full((1, 500, 3), 128, dtype=np.uint8))  # 500 wide, 1 high
+    normal = png_bytes(np.full((48, 64, 3), 90, dtype=np.uint8))
+    _, out, _ = run(tmp_path, {"strip.png": strip, "normal.png": normal})
+    assert out[0]["status"] == "error" and out[0]["error"].startswith("image too thin to segment: 500x1")
+    assert (out[0]["height"], out[0]["width"]) == (1, 500)
+    assert out[1]["status"] == "ok"
+    assert too_thin(1, 500, 800, 1333) is None  # at torchvision's sizes the same strip is fine (2 px high)
+    assert too_thin(1, 2000, 800, 1333) is not None
+
+
+def test_a_unit_of_many_inputs_keeps_their_order(shapes_dir, tmp_path):
+    """Inputs fetched and decoded by several threads still land in the unit's order, errors included."""
+    files = {
+        f"{i:03d}.jpg": (b"" if i % 7 == 3 else f.read_bytes())
+        for i, f in enumerate(sorted((shapes_dir / "val").glob("*.jpg")) * 2)
+    }
+    [stats], rows, _ = run(tmp_path, files, io_threads=4, batch_size=3)
+    assert [r["image_uri"] for r in rows] == sorted(files)
+    assert stats.images == len(files) and stats.errors == sum(1 for d in files.values() if not d)
