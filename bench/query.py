@@ -128,7 +128,8 @@ def write_results(root: str, *, rows: int, per_image: float, unit_size: int, see
     import numpy as np
     import pyarrow.parquet as pq
 
-    from pipeline.segment.write import DETECTIONS_DIR, IMAGES_DIR, ROW_GROUP_ROWS
+    from pipeline.segment.schema import DETECTIONS_DIR, IMAGES_DIR
+    from pipeline.segment.write import ROW_GROUP_ROWS
 
     rng = np.random.default_rng(seed)
     pool = rle_pool(500, seed)
@@ -184,7 +185,7 @@ def relayout(src: str, dst: str, *, files: int, sort_by: str | None, row_group: 
     import pyarrow.dataset as ds
     import pyarrow.parquet as pq
 
-    from pipeline.segment.write import DETECTIONS_DIR, IMAGES_DIR
+    from pipeline.segment.schema import DETECTIONS_DIR, IMAGES_DIR
 
     for folder in (IMAGES_DIR, DETECTIONS_DIR):
         table = ds.dataset(os.path.join(src, folder), format="parquet").to_table()

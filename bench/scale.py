@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import os
 import re
 import shutil
@@ -65,25 +66,48 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+# moto's server in a process of its own, populated in memory before it serves: uploading 10^5 objects through HTTP
+# would take minutes of this benchmark (moto answers a few hundred PUTs a second here).
+_MOTO = """
+import json, sys, threading
+from moto.core import DEFAULT_ACCOUNT_ID
+from moto.s3.models import s3_backends
+from moto.server import ThreadedMotoServer
+
+port, spec = int(sys.argv[1]), json.loads(sys.stdin.readline())
+backend = s3_backends[DEFAULT_ACCOUNT_ID]["global"]
+for bucket, keys in spec.items():
+    backend.create_bucket(bucket, "us-east-1")
+    for key in keys:
+        backend.put_object(bucket, key, b"not a jpeg")
+server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+server.start()
+print("READY", flush=True)
+sys.stdin.read()  # until the benchmark closes it
+server.stop()
+"""
+
+
 @contextlib.contextmanager
-def moto_server() -> Iterator[str]:
-    """moto's S3 server in a process of its own; yields its endpoint."""
+def moto_server(objects: dict[str, list[str]] | None = None) -> Iterator[str]:
+    """moto's S3 server in a process of its own, holding `objects` ({bucket: [key, ...]}, 10 bytes each, non-image
+    bytes); yields its endpoint."""
     port = free_port()
-    exe = os.path.join(os.path.dirname(sys.executable), "moto_server")
     proc = subprocess.Popen(
-        [exe, "-H", "127.0.0.1", "-p", str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        [sys.executable, "-c", _MOTO, str(port)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
     )
     try:
-        deadline = time.time() + 60
-        while True:
-            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=1):
-                break
-            if time.time() > deadline or proc.poll() is not None:
-                raise SystemExit("moto_server did not start")
-            time.sleep(0.2)
+        proc.stdin.write(json.dumps(objects or {}) + "\n")
+        proc.stdin.flush()
+        if proc.stdout.readline().strip() != "READY":
+            raise SystemExit("the moto server did not start")
         yield f"http://127.0.0.1:{port}"
     finally:
-        proc.terminate()
+        proc.stdin.close()
         proc.wait(timeout=30)
 
 
@@ -93,12 +117,6 @@ def s3(endpoint: str):
     return s3fs.S3FileSystem(
         client_kwargs={"endpoint_url": endpoint}, skip_instance_cache=True, use_listings_cache=False
     )
-
-
-def put_many(fs, items: dict[str, bytes], chunk: int = 2000) -> None:
-    keys = list(items)
-    for start in range(0, len(keys), chunk):
-        fs.pipe({k: items[k] for k in keys[start : start + chunk]})
 
 
 # --- 1. pipeline vs bare loop ------------------------------------------------------------------------------------------
@@ -336,12 +354,14 @@ def part_write(args, work: str) -> dict:
 
 def run_job(job_args: list[str], env: dict, log: str) -> tuple[float, int, str, int]:
     """`jobs/segment_archive.py` as a user runs it, in a subprocess with its own embedded Ray; returns (seconds,
-    exit status, output, the driver's peak RSS in KiB from its own getrusage at exit)."""
+    exit status, output, the driver's peak RSS in KiB (its VmHWM at exit))."""
     wrapper = (
-        "import atexit, resource, runpy, sys\n"
-        "atexit.register(lambda: print('DRIVER_MAXRSS_KIB', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, "
-        "file=sys.stderr, flush=True))\n"
+        # VmHWM, not getrusage's ru_maxrss: a child's ru_maxrss starts from its parent's RSS at fork on Linux.
+        "import atexit, re, runpy, sys\n"
+        "hwm = lambda: re.search(r'VmHWM:\\s+(\\d+)', open('/proc/self/status').read())[1]\n"
+        "atexit.register(lambda: print('DRIVER_MAXRSS_KIB', hwm(), file=sys.stderr, flush=True))\n"
         f"sys.argv = {[os.path.join(ROOT, 'jobs', 'segment_archive.py'), *job_args]!r}\n"
+        f"sys.path.insert(0, {os.path.join(ROOT, 'jobs')!r})\n"
         "runpy.run_path(sys.argv[0], run_name='__main__')\n"
     )
     with tempfile.TemporaryDirectory(prefix="bs-") as ray_tmp:
@@ -367,25 +387,22 @@ def part_scale(args, work: str) -> dict:
     keys = [f"photos/p{k:03d}/img-{i:07d}.jpg" for k in range(PREFIXES) for i in range(per)]
     figures: dict = {}
     print(f"\n== scale: {len(keys):,} objects on moto S3 under {PREFIXES} prefixes")
-    with moto_server() as endpoint:
+    with moto_server({"archive": keys}) as endpoint:
         fs = s3(endpoint)
-        for b in ("in", "plans", "out-small", "out-all"):
+        for b in ("plans", "out-small", "out-all"):
             fs.mkdir(b)
-        start = time.perf_counter()
-        put_many(fs, {f"in/{k}": b"not a jpeg" for k in keys})
-        print(f"uploaded in {time.perf_counter() - start:.0f} s")
         opts = {"client_kwargs": {"endpoint_url": endpoint}}
 
         # Planning: the driver's concurrent prefix listing, then an S3 Inventory report read by Ray tasks.
         start = time.perf_counter()
-        listed = sum(1 for _ in plan_mod.iter_inputs("s3://in/photos/", storage_options=opts))
+        listed = sum(1 for _ in plan_mod.iter_inputs("s3://archive/photos/", storage_options=opts))
         list_s = time.perf_counter() - start
         assert listed == len(keys), listed
         figures["plan_keys_per_s"] = round(listed / list_s)
         print(
             f"prefix listing: {listed:,} keys in {list_s:.1f} s = {listed / list_s:,.0f} keys/s ({plan_mod.LIST_THREADS} listings in flight)"
         )
-        manifest = write_inventory(fs, "in", [["in", k, "11", "false"] for k in keys], parts=10)
+        manifest = write_inventory(fs, "archive", [["archive", k, "11", "false"] for k in keys], parts=10)
         ray.init(num_cpus=THREADS, include_dashboard=False, logging_level="ERROR")
         try:
             sources = plan_mod.manifest_sources(manifest, storage_options=opts)
@@ -420,8 +437,8 @@ def part_scale(args, work: str) -> dict:
         ]
         rss = {}
         for name, url, count in (
-            ("small", "s3://in/photos/p00?/", len(keys) // 10),  # p000-p009: a tenth of the 100 prefixes
-            ("all", "s3://in/photos/", len(keys)),
+            ("small", "s3://archive/photos/p00?/", len(keys) // 10),  # p000-p009: a tenth of the 100 prefixes
+            ("all", "s3://archive/photos/", len(keys)),
         ):
             sets = [
                 *common,
@@ -468,7 +485,7 @@ def part_scale(args, work: str) -> dict:
                 f"output.storage.endpoint_url={proxy.endpoint}",
             ]
             seconds, code, output, _ = run_job(
-                ["--input", "s3://in/photos/", "--output", "s3://out-all/run", *sets],
+                ["--input", "s3://archive/photos/", "--output", "s3://out-all/run", *sets],
                 env,
                 os.path.join(work, "job-resume.log"),
             )

@@ -6,7 +6,7 @@ bodies cut short). What they give up on reaches the job after ~10 s: a throttlin
 Without a retry of its own, an input read would become a permanent `read failed` error row and a result write would
 fail the job. So the job's storage calls go through `call` (per-input reads and tar shards through their own loops
 in `pipeline.segment.plan`), which tries `ATTEMPTS` more times, `BASE_DELAY_S` x 2^n apart (n = 0, 1, ...; at most
-`MAX_DELAY_S`; with jitter, so that many read tasks do not retry in step).
+`MAX_DELAY_S`; with jitter, so that many readers do not retry in step).
 
 Permanent errors (not found, access denied, bad credentials, a bucket that does not exist, an endpoint where nothing
 accepts connections — botocore has already retried the connect) are raised at once.

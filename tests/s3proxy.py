@@ -5,8 +5,10 @@ A rule (`Fault`) picks a share of the distinct requests it matches (method + pat
 request, so which requests fail does not depend on thread timing or on how Ray schedules its tasks; a picked request
 fails its first `times` attempts, then goes through. Kinds of failure: `slowdown` (503 with S3's SlowDown body),
 `internal` (500 InternalError), `drop` (the connection closed after the request is read, no answer), `cut` (the
-headers promise the whole body, half is sent), and `stall` (held `delay_s` seconds, then the connection is closed
-without an answer and nothing is forwarded: an upload that never completes; `stalled` is set while one is held).
+headers promise the whole body, half is sent), `lose` (forwarded, so it takes effect, but the connection is closed
+before the answer: a write that succeeded while its client saw a failure), and `stall` (held `delay_s` seconds, then
+the connection is closed without an answer and nothing is forwarded: an upload that never completes; `stalled` is
+set while one is held). `after` lets a request's first attempts through before its faults begin.
 `latency_s` adds a delay to every request, as a real S3 region's round trip does.
 Every request is counted by method (`by_method`).
 """
@@ -55,6 +57,7 @@ class Fault:
     path: str  # regex searched in the request's path + query (a LIST is `GET /bucket?list-type=2&prefix=...`)
     share: float = 1.0  # fraction of the distinct matching requests that fail
     times: int = 1  # attempts of a picked request that fail before it goes through
+    after: int = 0  # attempts of a picked request that go through before the failing ones
     kinds: tuple[str, ...] = KINDS
     delay_s: float = 0.0  # for kind "stall"
 
@@ -100,7 +103,9 @@ class FaultyS3:
                 if rule.method not in ("*", method) or not re.search(rule.path, target):
                     continue
                 digest = hashlib.sha256(f"{self.seed}|{i}|{key}".encode()).digest()
-                if int.from_bytes(digest[:8], "big") / 2**64 >= rule.share or attempt >= rule.times:
+                if int.from_bytes(digest[:8], "big") / 2**64 >= rule.share:
+                    continue
+                if not rule.after <= attempt < rule.after + rule.times:
                     continue
                 kinds = [k for k in rule.kinds if k != "cut" or method == "GET"] or ["internal"]
                 kind = kinds[(digest[8] + attempt) % len(kinds)]
@@ -167,6 +172,8 @@ class FaultyS3:
                     data = resp.read()
                 finally:
                     upstream.close()
+                if kind == "lose":
+                    return self._hang_up()
                 self.send_response(resp.status, resp.reason)
                 for k, v in resp.getheaders():
                     if k.lower() not in _HOP_BY_HOP and k.lower() != "content-length":

@@ -19,8 +19,14 @@ import pyarrow.dataset as ds
 from pycocotools import mask as mask_utils
 
 from pipeline.errors import JobError, describe_storage_error
-from pipeline.segment.schema import DETECTIONS_SCHEMA, IMAGES_SCHEMA
-from pipeline.segment.write import CONFIG_FILE, DETECTIONS_DIR, IMAGES_DIR, SUCCESS_FILE
+from pipeline.segment.schema import (
+    CONFIG_FILE,
+    DETECTIONS_DIR,
+    DETECTIONS_SCHEMA,
+    IMAGES_DIR,
+    IMAGES_SCHEMA,
+    SUCCESS_FILE,
+)
 
 
 @dataclasses.dataclass

@@ -39,8 +39,7 @@ from model.decode import DecodeError, decode_image
 from pipeline.errors import JobError, describe_storage_error
 from pipeline.results.open import Results, decode_mask, open_results
 from pipeline.segment.plan import TAR_MEMBER_SEP
-from pipeline.segment.schema import STATUS_OK
-from pipeline.segment.write import DETECTIONS_DIR, IMAGES_DIR
+from pipeline.segment.schema import DETECTIONS_DIR, IMAGES_DIR, STATUS_OK
 
 TOP_ERRORS = 5
 SCORE_BINS = 10  # histogram bins of width 0.1 over [0, 1]

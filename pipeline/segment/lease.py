@@ -30,7 +30,8 @@ from collections.abc import Callable
 
 from pipeline import retry
 from pipeline.errors import JobError, describe_storage_error
-from pipeline.segment.write import LEASE_FILE, Output
+from pipeline.segment.schema import LEASE_FILE
+from pipeline.segment.write import Output
 
 
 def _precondition_failed(exc: BaseException) -> bool:
@@ -168,9 +169,14 @@ class Lease:
             except Exception as e:  # noqa: BLE001  (decided below: lost, or try again at the next tick)
                 if _precondition_failed(e) or isinstance(e, FileNotFoundError):
                     try:
+                        info = self.output.fs.info(self._path, refresh=True)
                         self.holder = _parse(self.output.fs.cat_file(self._path))
                     except Exception:  # noqa: BLE001
-                        self.holder = None
+                        info, self.holder = {}, None
+                    if self.holder and self.holder.get("run_id") == self.run_id:
+                        # Our own renewal went through but its answer was lost (and retried): keep holding.
+                        self._etag, last_ok = _etag(info), time.monotonic()
+                        continue
                     self.lost = True
                     return
                 if time.monotonic() - last_ok > self.ttl_s:

@@ -32,12 +32,9 @@ from pipeline.segment import plan as plan_mod
 from pipeline.segment.config import ComputeConfig, SegmentConfig
 from pipeline.segment.lease import Lease
 from pipeline.segment.plan import Plan
+from pipeline.segment.schema import COMMITTED_DIR, CONFIG_FILE, PLAN_DIR, SUCCESS_FILE
 from pipeline.segment.worker import SegmentWorker
 from pipeline.segment.write import (
-    COMMITTED_DIR,
-    CONFIG_FILE,
-    PLAN_DIR,
-    SUCCESS_FILE,
     Output,
     StatsLog,
     UnitStats,
@@ -360,7 +357,7 @@ def _prepare_output(out: Output, cfg: SegmentConfig, spec: ModelSpec, fp: str, r
 def _holds_results(out: Output) -> bool:
     """A plan or a committed unit: what a different setting must not mix with. A run that stopped before either
     (no inputs found, a typo in --input) left only its config, which the next run may simply replace."""
-    return bool(out.names(COMMITTED_DIR)) or out.exists(f"{PLAN_DIR}/{plan_mod.INDEX}")
+    return out.exists(f"{PLAN_DIR}/{plan_mod.INDEX}") or bool(out.names(COMMITTED_DIR))
 
 
 def _plan(cfg: SegmentConfig, out: Output, connect: Callable[[], None], log: Callable[[str], None]) -> Plan:

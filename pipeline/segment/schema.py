@@ -10,6 +10,16 @@ from __future__ import annotations
 
 import pyarrow as pa
 
+# The names under --output (see pipeline/segment/write.py for what each holds).
+IMAGES_DIR = "images"
+DETECTIONS_DIR = "detections"
+COMMITTED_DIR = "_committed"
+STATS_DIR = "_stats"
+PLAN_DIR = "_plan"
+CONFIG_FILE = "_config.json"
+SUCCESS_FILE = "_SUCCESS.json"
+LEASE_FILE = "_lease.json"
+
 STATUS_OK = "ok"
 STATUS_ERROR = "error"
 

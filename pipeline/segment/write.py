@@ -33,25 +33,32 @@ import time
 import uuid
 from collections import Counter
 from collections.abc import Iterator
+from typing import TYPE_CHECKING
 
 import fsspec
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from model.postprocess import Detections
 from pipeline import retry
 from pipeline.errors import JobError, describe_storage_error
-from pipeline.segment.schema import DETECTIONS_SCHEMA, IMAGES_SCHEMA, STATUS_ERROR, STATUS_OK
+from pipeline.segment.schema import (
+    COMMITTED_DIR,
+    CONFIG_FILE,
+    DETECTIONS_DIR,
+    DETECTIONS_SCHEMA,
+    IMAGES_DIR,
+    IMAGES_SCHEMA,
+    PLAN_DIR,
+    STATS_DIR,
+    STATUS_ERROR,
+    STATUS_OK,
+    SUCCESS_FILE,
+)
 
-IMAGES_DIR = "images"
-DETECTIONS_DIR = "detections"
-COMMITTED_DIR = "_committed"
-STATS_DIR = "_stats"
-PLAN_DIR = "_plan"
-CONFIG_FILE = "_config.json"
-SUCCESS_FILE = "_SUCCESS.json"
-LEASE_FILE = "_lease.json"
+if TYPE_CHECKING:  # torch stays out of the readers' imports (jobs/query.py starts in well under a second)
+    from model.postprocess import Detections
+
 # What `output.mode=overwrite` removes (never the lease, which the run holds while it clears).
 OWNED = (IMAGES_DIR, DETECTIONS_DIR, COMMITTED_DIR, STATS_DIR, PLAN_DIR, CONFIG_FILE, SUCCESS_FILE)
 # Rows per Parquet row group: large enough for scan engines (DuckDB parallelises by row group), small enough that
@@ -99,6 +106,18 @@ class Output:
                 self._io(rel, self.fs.pipe_file, target, data)
             except FileNotFoundError as e:  # a write that finds no bucket is a failure like any other
                 raise JobError(f"output: {describe_storage_error(self.url_of(rel), e)}") from None
+
+    def write_all(self, files: dict[str, bytes]) -> None:
+        """Write several files; on object stores concurrently (one round trip, not one per file)."""
+        if self.local or len(files) == 1:
+            for rel, data in files.items():
+                self.write_bytes(rel, data)
+            return
+        first = next(iter(files))
+        try:
+            self._io(first, self.fs.pipe, {self.path(rel): data for rel, data in files.items()})
+        except FileNotFoundError as e:
+            raise JobError(f"output: {describe_storage_error(self.url_of(first), e)}") from None
 
     def write_json(self, rel: str, obj: dict) -> None:
         self.write_bytes(rel, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode("utf-8"))
@@ -234,7 +253,8 @@ class UnitWriter:
     """Collects one unit's rows column by column and writes its two data files, then its completion record.
 
     `add(...)` takes each input once (in any order: rows are sorted by position at each row group); `commit()`
-    encodes, uploads `images/` then `detections/`, then writes `_committed/<unit>.json` and returns the stats.
+    encodes and uploads `images/` and `detections/` (together), then writes `_committed/<unit>.json` and returns
+    the stats.
     Nothing reaches storage before `commit()`, so an abandoned writer (an exception, a killed process) leaves no
     trace that a re-run could trust.
     """
@@ -294,8 +314,12 @@ class UnitWriter:
         self._flush_images()
         self._flush_detections()
         name = f"part-{self.unit_id}.parquet"
-        for folder in (IMAGES_DIR, DETECTIONS_DIR):
-            self.output.write_bytes(posixpath.join(folder, name), self._files[folder].close())
+        self.output.write_all(
+            {
+                posixpath.join(folder, name): self._files[folder].close()
+                for folder in (IMAGES_DIR, DETECTIONS_DIR)
+            }
+        )
         stats = UnitStats(
             unit_id=self.unit_id,
             images=self.images,

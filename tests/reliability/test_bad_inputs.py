@@ -5,7 +5,7 @@ size a viewer shows; and the job goes on to complete.
 The archive is an S3 prefix that the job walks (moto's server on 127.0.0.1), so that "deleted between listing and
 reading" is real: the object is listed, then deleted once the plan is written (the job's "processing ..." line), then
 read. "Unreadable" is an object denied by a bucket policy (403): the tests may run as root, for whom `chmod 000` on a
-local file denies nothing. The same two cases on local files run below at the level of the read tasks, without Ray.
+local file denies nothing. The same two cases on local files run below at the level of the read stage, without Ray.
 """
 
 from __future__ import annotations
@@ -207,7 +207,7 @@ def outcome(ray_local, moto_server, tmp_path_factory) -> Outcome:
     deleted: list[str] = []
 
     def on_log(line: str) -> None:
-        # "processing N units ..." is logged after the plan is written and before any read task runs.
+        # "processing N units ..." is logged after the plan is written and before any actor reads an input.
         if line.startswith("processing") and not deleted:
             fs.rm_file(f"{bucket}/corpus/gone.jpg")
             deleted.append(line)

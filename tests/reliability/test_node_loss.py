@@ -4,8 +4,8 @@ every input still has exactly one `images` row and its detections exactly once â
 The cluster is real Ray nodes on this machine (`ray.cluster_utils.Cluster`, as Ray's own chaos tests do): a head with
 no CPUs, where the job's driver attaches, and two 2-CPU worker nodes, each holding one inference actor. After the
 first unit commit the node under an actor is killed without warning (raylet, object store, workers). Ray restarts the
-lost actor elsewhere and re-runs the read tasks whose blocks died with the node; the driver's committer ignores any
-row it already holds, so a retried batch cannot double a unit.
+lost actor elsewhere and retries the unit it held; that unit's files are named by the unit, so a retry replaces them
+rather than doubling rows, and the driver counts a unit once even when a re-executed task reports it again.
 """
 
 from __future__ import annotations
