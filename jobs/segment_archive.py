@@ -1,7 +1,7 @@
 """Segment an image archive with Mask R-CNN on Ray; results as Parquet.
 
     python jobs/segment_archive.py --input URL --output URL [--config FILE.yaml] [--set dotted.key=value ...]
-    python jobs/segment_archive.py --demo      # offline, from nothing to pictures on an embedded Ray (7-9 min, 2 CPUs):
+    python jobs/segment_archive.py --demo      # offline, from nothing to pictures on an embedded Ray (7-10 min, 2 CPUs):
                                                # generate shapes, train, segment with the checkpoint, evaluate, render
 
 On a cluster:  ray job submit --working-dir . -- python jobs/segment_archive.py --input s3://... --output s3://...
@@ -31,7 +31,7 @@ DEMO_DEFAULTS = {
     "model": {"weights": "none", "score_threshold": 0.05},
     "progress_interval_s": 10,
 }
-# The CPU preset, shortened so the whole demo takes 7-9 minutes on 2 cores (the preset itself trains 14 epochs, ~22 min).
+# The CPU preset, shortened so the whole demo takes 7-10 minutes on 2 cores (the preset itself trains 14 epochs, ~22 min).
 DEMO_TRAIN_OVERRIDES = {
     "data": {
         "train": {
