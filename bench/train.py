@@ -7,6 +7,13 @@ the epoch's wall clock (data loading included, evaluation excluded) over the sam
 `maskrcnn_resnet50_fpn` at torchvision's widths, or the `model:` section of a training config (`--model-from
 configs/train_cpu_small.yaml`: the CPU preset's ResNet-18 FPN with narrow heads).
 The last line is `ray_train_vs_plain=<Ray Train step time ÷ plain step time>` (target <= 1.10).
+
+    python bench/train.py --loader [--train-images 96] [--batch-size 8]
+
+measures the training data loader alone, built as `model.train_loop` builds it (COCO dataset with its transforms,
+aspect-ratio grouped batches, pinned memory where a GPU is, persistent workers), on COCO-sized shapes images
+(~480×640): images/s it delivers with 0, 1 and 2 worker processes. A GPU step at batch 8 takes tens of milliseconds;
+this is how many images/s the loader can feed it per CPU core. Last line: `loader_img_s_w<k>=<x>` for each.
 """
 
 from __future__ import annotations
@@ -55,14 +62,57 @@ def plain_loop(cfg: dict, threads: int) -> tuple[float, int]:
     return (time.perf_counter() - start) / steps, steps
 
 
+def loader_rates(train_images: int, batch_size: int) -> dict[int, float]:
+    """images/s of the training data loader alone, with 0, 1 and 2 worker processes (see the module docstring)."""
+    import torch
+
+    from model.data import CocoInstances, GroupedBatchSampler, aspect_ratio_group_ids, collate
+    from pipeline.demo.shapes import make_shapes
+
+    work = tempfile.mkdtemp(prefix="bench-loader-")
+    make_shapes(work, train=train_images, val=1, seed=3, size=(480, 640))
+    ds = CocoInstances(
+        annotations_url=f"{work}/annotations/instances_train.json", images_url=f"{work}/train", train=True
+    )
+    rates = {}
+    for workers in (0, 1, 2):
+        batches = GroupedBatchSampler(
+            torch.utils.data.RandomSampler(ds),
+            group_ids=aspect_ratio_group_ids(ds.aspect_ratios()),
+            batch_size=batch_size,
+        )
+        loader = torch.utils.data.DataLoader(
+            ds,
+            batch_sampler=batches,
+            collate_fn=collate,
+            num_workers=workers,
+            pin_memory=torch.cuda.is_available(),
+            persistent_workers=workers > 0,
+            prefetch_factor=4 if workers else None,
+        )
+        it = iter(loader)
+        next(it)  # workers started, first batch out: not timed
+        start, n = time.perf_counter(), 0
+        for images, _ in it:
+            n += len(images)
+        rates[workers] = n / (time.perf_counter() - start)
+        print(f"loader, {workers} worker(s), batch {batch_size}: {rates[workers]:.1f} images/s")
+    return rates
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--loader", action="store_true", help="measure the training data loader alone")
     p.add_argument("--train-images", type=int, default=48)
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--min-size", type=int, default=192)
     p.add_argument("--model-from", help="use the model section (architecture, RoIs) of this training config")
     args = p.parse_args()
+    if args.loader:
+        rates = loader_rates(max(args.train_images, 96), max(args.batch_size, 8))
+        print(" ".join(f"loader_img_s_w{k}={v:.1f}" for k, v in rates.items()))
+        return
 
     import ray
 

@@ -49,6 +49,8 @@ class ModelConfig:
     max_detections: int = 100
     batch_size: int | None = None  # None ("auto"): 1 on CPU actors, 4 on GPUs (measured: BENCHMARKS.md)
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    # auto: fp16 autocast on GPUs, fp32 on CPUs. fp16 on a CPU is refused (no fp16 arithmetic there to gain from).
+    precision: Literal["auto", "fp32", "fp16"] = "auto"
     storage: StorageConfig = dataclasses.field(default_factory=StorageConfig)
 
     def storage_options(self) -> dict[str, Any]:
@@ -99,6 +101,12 @@ _RANGES: dict[str, tuple[float, float]] = {
 }
 
 
+FP16_ON_CPU = (
+    "model.precision: fp16 runs on GPUs only (a CPU has no fp16 arithmetic to gain from: 10x slower than fp32 "
+    "there); use fp32 or auto"
+)
+
+
 def segment_config(data: dict | None) -> SegmentConfig:
     """Validate a full segment-job config dict (defaults filled in) and the rules that span keys."""
     cfg: SegmentConfig = from_dict(SegmentConfig, data)
@@ -114,6 +122,8 @@ def segment_config(data: dict | None) -> SegmentConfig:
         raise ConfigError(
             f"compute.max_actors: must be >= compute.min_actors ({c.min_actors}), got {c.max_actors}"
         )
+    if m.precision == "fp16" and m.device == "cpu":
+        raise ConfigError(FP16_ON_CPU)
     if m.device == "cuda" and c.gpus_per_actor == 0:
         raise ConfigError("compute.gpus_per_actor: must be > 0 (or auto) when model.device is 'cuda'")
     return cfg

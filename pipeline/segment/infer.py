@@ -1,18 +1,47 @@
 """Infer: the model, loaded once per actor, on batches of decoded images → `Detections` per image.
 
 `Segmenter` is the compute path of the inference actor and nothing else: no storage, no Ray. That makes it the seam
-the tests compare with torchvision called directly, and what a GPU benchmark drives.
+the tests compare with torchvision called directly, and what `bench/gpu.py` drives.
+
+Two steps, so that an actor can overlap them: `forward` (the images to the device, the model up to its mask head,
+under fp16 autocast on GPUs) and `detections` (masks pasted, thresholded and RLE-encoded). On GPUs the masks of a
+whole batch are handled in a few tensor operations on the device and only run boundaries come back to the host
+(`model.postprocess.detections_batched`); on CPUs, where that would only add work, each mask is pasted within its
+box, exactly as torchvision pastes it (`detections_from_mask_probs`).
 """
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Sequence
 
 import numpy as np
 import torch
 
 from model.build import ModelSpec, load_model
-from model.postprocess import Detections, detections_from_mask_probs, forward_to_mask_probs
+from model.postprocess import (
+    Detections,
+    detections_batched,
+    detections_from_mask_probs,
+    forward_to_mask_probs,
+)
+
+PRECISIONS = ("auto", "fp32", "fp16")
+MASK_ROUTES = ("auto", "batched", "in_box")
+
+
+def resolve_precision(precision: str, device: str) -> str:
+    """`auto` → fp16 on CUDA, fp32 on CPU. fp16 on a CPU is refused: CPUs have no fp16 arithmetic to gain from
+    (measured: 10x slower than fp32 under CPU autocast, `bench/gpu.py --device cpu`)."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+    if precision == "auto":
+        return "fp16" if device == "cuda" else "fp32"
+    if precision == "fp16" and device != "cuda":
+        raise ValueError(
+            "fp16 runs on GPUs only (CPUs have no fp16 arithmetic to gain from); use fp32 or auto"
+        )
+    return precision
 
 
 class Segmenter:
@@ -24,12 +53,20 @@ class Segmenter:
         max_detections: int = 100,
         device: str = "cpu",
         threads: int | None = None,
+        precision: str = "auto",
+        mask_route: str = "auto",
         weights_storage_options: dict | None = None,
     ):
         if threads:
             # A deliberate thread count: the actor's CPU share, not every core of a shared node.
             torch.set_num_threads(threads)
+        if mask_route not in MASK_ROUTES:
+            raise ValueError(f"mask_route must be one of {MASK_ROUTES}, got {mask_route!r}")
         self.device = torch.device(device)
+        self.precision = resolve_precision(precision, self.device.type)
+        self.mask_route = (
+            mask_route if mask_route != "auto" else ("batched" if self.device.type == "cuda" else "in_box")
+        )
         self.spec = spec
         self.score_threshold = score_threshold
         # The model's own score filter is set to ours so it never drops what we keep, nor keeps what we drop.
@@ -41,26 +78,35 @@ class Segmenter:
         ).to(self.device)
         self.model.eval()
 
-    def predict(self, images: Sequence[np.ndarray]) -> list[Detections]:
-        """RGB uint8 `[H, W, 3]` images → `Detections` per image (one forward pass for the whole list).
+    def predict(self, images: Sequence[np.ndarray | torch.Tensor]) -> list[Detections]:
+        """RGB uint8 `[H, W, 3]` images → `Detections` per image (one forward pass for the whole list)."""
+        return self.detections(self.forward(images), [image_size(img) for img in images])
 
-        The model runs up to its RoI heads; each kept mask is then pasted, thresholded and RLE-encoded within its
-        box (`model.postprocess`), never on a full-image canvas per detection as torchvision's own forward does.
-        Same detections, same RLE strings; one code path on CPU and GPU.
+    def forward(self, images: Sequence[np.ndarray | torch.Tensor]) -> list[dict[str, torch.Tensor]]:
+        """The model up to its mask head (`forward_to_mask_probs`), outputs left on the device.
+
+        Under fp16, autocast runs the convolutions and matrix products in half precision; torchvision keeps `nms`
+        and `roi_align` in fp32 under autocast (casting the model itself with `.half()` would break `nms`).
         """
         tensors = [to_tensor(img, self.device) for img in images]
+        with torch.inference_mode(), self._autocast():
+            return forward_to_mask_probs(self.model, tensors)
+
+    def detections(
+        self, outputs: list[dict[str, torch.Tensor]], image_sizes: list[tuple[int, int]]
+    ) -> list[Detections]:
+        """`forward` outputs → `Detections` (scores `>= score_threshold`), by this segmenter's mask route."""
         with torch.inference_mode():
-            outputs = forward_to_mask_probs(self.model, tensors)
-            return [
-                detections_from_mask_probs(
-                    out,
-                    image_size=(int(img.shape[0]), int(img.shape[1])),
-                    score_threshold=self.score_threshold,
+            if self.mask_route == "batched":
+                return detections_batched(
+                    outputs, image_sizes=image_sizes, score_threshold=self.score_threshold
                 )
-                for out, img in zip(outputs, images)
+            return [
+                detections_from_mask_probs(out, image_size=size, score_threshold=self.score_threshold)
+                for out, size in zip(outputs, image_sizes)
             ]
 
-    def predict_each(self, images: Sequence[np.ndarray]) -> list[Detections | Exception]:
+    def predict_each(self, images: Sequence[np.ndarray | torch.Tensor]) -> list[Detections | Exception]:
         """`predict`, but an image that breaks the batch (e.g. out of memory on a huge image) is isolated: the
         batch is retried image by image, and the one that still fails gets its exception instead of detections."""
         try:
@@ -70,8 +116,19 @@ class Segmenter:
                 return [e]
         return [r for image in images for r in self.predict_each([image])]
 
+    def _autocast(self):
+        if self.precision == "fp16":
+            return torch.autocast(self.device.type, dtype=torch.float16)
+        return contextlib.nullcontext()
 
-def to_tensor(image: np.ndarray, device: torch.device) -> torch.Tensor:
-    """uint8 `[H, W, 3]` → float `[3, H, W]` in 0–1 on `device` (the model's input contract)."""
-    t = torch.from_numpy(image).to(device, non_blocking=True)
+
+def image_size(image: np.ndarray | torch.Tensor) -> tuple[int, int]:
+    return int(image.shape[0]), int(image.shape[1])
+
+
+def to_tensor(image: np.ndarray | torch.Tensor, device: torch.device) -> torch.Tensor:
+    """uint8 `[H, W, 3]` (an array, or a tensor, pinned for a fast copy to a GPU) → float `[3, H, W]` in 0–1 on
+    `device` (the model's input contract). The uint8 image crosses to the device, a quarter of the float's bytes."""
+    t = image if isinstance(image, torch.Tensor) else torch.from_numpy(image)
+    t = t.to(device, non_blocking=True)
     return t.permute(2, 0, 1).float().div_(255.0)

@@ -21,6 +21,7 @@ from collections.abc import Callable, Iterator
 
 import fsspec
 import numpy as np
+import torch
 
 from model.decode import DecodeError, decode_image
 from pipeline import retry
@@ -35,7 +36,7 @@ class Decoded:
     index: int  # position within the unit
     image_uri: str
     nbytes: int | None  # size of the encoded input; None when it could not be read
-    image: np.ndarray | None = None  # RGB uint8 [H, W, 3], upright
+    image: np.ndarray | torch.Tensor | None = None  # RGB uint8 [H, W, 3], upright (a pinned tensor for GPUs)
     error: str | None = None
     decode_ms: float | None = None
     height: int | None = None
@@ -52,10 +53,12 @@ def decoded_inputs(
     max_size: int,
     threads: int = 16,
     depth: int | None = None,
+    pin_memory: bool = False,
 ) -> Iterator[Decoded]:
     """The unit's inputs, decoded, in order; `threads` fetch and decode ahead, at most `depth` (default
-    `2 * threads`) inputs in flight."""
-    check = _Checks(max_pixels=max_pixels, min_size=min_size, max_size=max_size)
+    `2 * threads`) inputs in flight. `pin_memory`: images come as page-locked uint8 tensors (for a GPU, which copies
+    them without staging; the copy into pinned memory happens here, on the read threads)."""
+    check = _Checks(max_pixels=max_pixels, min_size=min_size, max_size=max_size, pin_memory=pin_memory)
     jobs = _jobs(unit, input_options or {}, plan_options or {}, check.decode)
     yield from _run_ahead(jobs, threads=threads, depth=depth or 2 * threads)
 
@@ -148,6 +151,7 @@ class _Checks:
     max_pixels: int
     min_size: int
     max_size: int
+    pin_memory: bool = False
 
     def decode(self, index: int, image_uri: str, data: bytes | None, read_error: str | None) -> Decoded:
         """Bytes (or the reason there are none) → `Decoded`."""
@@ -165,7 +169,7 @@ class _Checks:
         item.height, item.width = int(image.shape[0]), int(image.shape[1])
         item.error = too_thin(item.height, item.width, self.min_size, self.max_size)
         if item.error is None:
-            item.image = image
+            item.image = torch.from_numpy(image).pin_memory() if self.pin_memory else image
         return item
 
 

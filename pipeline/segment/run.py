@@ -30,6 +30,7 @@ from pipeline.config import ConfigError, redacted
 from pipeline.errors import JobError, describe_storage_error, one_line, root_cause
 from pipeline.segment import plan as plan_mod
 from pipeline.segment.config import ComputeConfig, SegmentConfig
+from pipeline.segment.infer import resolve_precision
 from pipeline.segment.lease import Lease
 from pipeline.segment.plan import Plan
 from pipeline.segment.schema import COMMITTED_DIR, CONFIG_FILE, PLAN_DIR, SUCCESS_FILE
@@ -276,9 +277,10 @@ def segment(
                     cfg.compute, device=cfg.model.device, cluster_gpus=gpus, node_cpus=node_cpus
                 )
                 summary.resources = res
+                precision = resolve_precision(cfg.model.precision, res.device)
                 log(
                     f"processing {pending} units on {res.min_actors}..{res.max_actors} actor(s) "
-                    f"[{res.device}, {res.gpus_per_actor:g} GPU, {res.cpus_per_actor:g} CPU, "
+                    f"[{res.device}, {precision}, {res.gpus_per_actor:g} GPU, {res.cpus_per_actor:g} CPU, "
                     f"{res.threads_per_actor} threads each]"
                 )
                 _execute(cfg, spec, res, out, plan, done, run_id, summary, stats_log, lease, log, started)
@@ -462,6 +464,7 @@ def _execute(
             io_threads=res.io_threads,
             max_pixels=cfg.input.max_pixels,
             batch_size=batch_size,
+            precision=cfg.model.precision,
             on_image_error=cfg.on_image_error,
             run_id=run_id,
             output_options=cfg.output.storage_options(),

@@ -1,8 +1,10 @@
 """The inference actor: one work unit per call — read → decode → infer → write — returning the unit's counts.
 
 Under Ray Data it is the class given to `map_batches` on an actor pool, one instance per actor (per GPU). Callable
-without Ray on a list of unit rows, which is how the tests drive it. The model stays on the actor's main thread;
-`pipeline.segment.read` fetches and decodes the next inputs on `io_threads` threads meanwhile.
+without Ray on a list of unit rows, which is how the tests drive it. Work overlaps on threads:
+`pipeline.segment.read` fetches and decodes the next inputs on `io_threads` threads; the main thread runs the model
+forward on a batch; on a GPU, one post-processing thread turns the previous batch's outputs into masks and RLE
+strings and hands every row to the unit's writer, in input order.
 
 The actor writes the unit's files itself (`pipeline.segment.write.UnitWriter`), so rows never travel to the
 driver: it returns one small row of counts per unit.
@@ -15,6 +17,7 @@ Per-image failures follow a named policy (`on_image_error`):
 from __future__ import annotations
 
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 
 import pyarrow as pa
 
@@ -44,6 +47,9 @@ class SegmentWorker:
         io_threads: int = 16,
         max_pixels: int = 100_000_000,
         batch_size: int = 4,
+        precision: str = "auto",
+        mask_route: str = "auto",
+        overlap: bool | None = None,
         on_image_error: str = "record",
         run_id: str = "",
         output_options: dict | None = None,
@@ -58,6 +64,8 @@ class SegmentWorker:
             max_detections=max_detections,
             device=device,
             threads=threads,
+            precision=precision,
+            mask_route=mask_route,
             weights_storage_options=weights_storage_options,
         )
         self.spec, self.run_id = spec, run_id
@@ -66,6 +74,8 @@ class SegmentWorker:
         self.output_options = dict(output_options or {})
         self.io_threads, self.max_pixels = io_threads, max_pixels
         self.batch_size, self.on_image_error = batch_size, on_image_error
+        # None: overlap on GPUs only (see `process`); tests set it to run the GPU layout on a CPU.
+        self.overlap = self.segmenter.device.type == "cuda" if overlap is None else overlap
 
     def __call__(self, batch: pa.Table | dict) -> pa.Table:
         """Rows of `Unit`s (Arrow table or dict of columns) → one `STATS_SCHEMA` row per unit, once it is committed."""
@@ -82,7 +92,6 @@ class SegmentWorker:
             run_id=self.run_id,
             class_names=list(self.spec.class_names),
         )
-        batch: list[Decoded] = []
         inputs = decoded_inputs(
             unit,
             input_options=self.input_options,
@@ -92,23 +101,55 @@ class SegmentWorker:
             max_size=self.spec.max_size,
             threads=self.io_threads,
             depth=max(2 * self.io_threads, 2 * self.batch_size),
+            pin_memory=self.segmenter.device.type == "cuda",
         )
-        for item in inputs:
-            if item.error is not None:
-                self._fail(writer, item, item.error)
-                continue
-            batch.append(item)
-            if len(batch) >= self.batch_size:
-                self._infer(writer, batch)
-                batch = []
-        if batch:
-            self._infer(writer, batch)
+        # On a GPU, one post-processing thread: the model (main thread) goes on with the next batch while the last
+        # one is turned into masks and strings, and rows reach the writer in the order they were submitted. On a CPU
+        # both would share the same cores (and the GIL) for nothing: measured 11% slower on 2 cores
+        # (bench/scale.py), so there everything runs here, in order.
+        with ThreadPoolExecutor(1, thread_name_prefix="post") if self.overlap else _Inline() as post:
+            pending: list[Future] = []
+            batch: list[Decoded] = []
+            for item in inputs:
+                if item.error is not None:
+                    pending.append(post.submit(self._fail, writer, item, item.error))
+                else:
+                    batch.append(item)
+                if len(batch) >= self.batch_size:
+                    pending.append(self._infer(post, writer, batch))
+                    batch = []
+                pending = _raise_done(pending)
+            if batch:
+                pending.append(self._infer(post, writer, batch))
+            for f in pending:
+                f.result()  # a policy error or a writer failure surfaces here, in input order
         return writer.commit()
 
-    def _infer(self, writer: UnitWriter, batch: list[Decoded]) -> None:
+    def _infer(self, post: ThreadPoolExecutor, writer: UnitWriter, batch: list[Decoded]) -> Future:
+        """The forward pass here; masks, strings and rows on the post thread (a batch that breaks the forward pass,
+        e.g. out of memory on a huge image, is retried there image by image)."""
+        t0 = time.perf_counter()
+        try:
+            outputs = self.segmenter.forward([item.image for item in batch])
+        except Exception:
+            return post.submit(self._isolate, writer, batch)
+        return post.submit(self._finish, writer, batch, outputs, time.perf_counter() - t0)
+
+    def _finish(self, writer: UnitWriter, batch: list[Decoded], outputs, forward_s: float) -> None:
+        t0 = time.perf_counter()
+        try:
+            results = self.segmenter.detections(outputs, [(item.height, item.width) for item in batch])
+        except Exception:
+            return self._isolate(writer, batch)
+        share_ms = (forward_s + time.perf_counter() - t0) * 1e3 / len(batch)
+        self._record(writer, batch, results, share_ms)
+
+    def _isolate(self, writer: UnitWriter, batch: list[Decoded]) -> None:
         t0 = time.perf_counter()
         results = self.segmenter.predict_each([item.image for item in batch])
-        share_ms = (time.perf_counter() - t0) * 1e3 / len(batch)
+        self._record(writer, batch, results, (time.perf_counter() - t0) * 1e3 / len(batch))
+
+    def _record(self, writer: UnitWriter, batch: list[Decoded], results: list, share_ms: float) -> None:
         for item, result in zip(batch, results):
             item.image = None  # the pixels are done with; the unit's writer keeps only results
             if isinstance(result, Exception):
@@ -122,6 +163,35 @@ class SegmentWorker:
         if self.on_image_error == "raise":
             raise ImageError(f"{item.image_uri}: {reason}")
         _add(writer, item, infer_ms=infer_ms, error=reason)
+
+
+class _Inline:
+    """An executor that runs each task at once on the calling thread (`submit` returns its finished future)."""
+
+    def submit(self, fn, *args, **kwargs) -> Future:
+        future: Future = Future()
+        try:
+            future.set_result(fn(*args, **kwargs))
+        except Exception as e:  # noqa: BLE001  (raised by the caller's f.result(), like a pool's)
+            future.set_exception(e)
+        return future
+
+    def __enter__(self) -> _Inline:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        pass
+
+
+def _raise_done(pending: list[Future]) -> list[Future]:
+    """The futures still running; a finished one that failed raises now (the "raise" policy, a writer error)."""
+    left = []
+    for f in pending:
+        if f.done():
+            f.result()
+        else:
+            left.append(f)
+    return left
 
 
 def _add(writer: UnitWriter, item: Decoded, **outcome) -> None:

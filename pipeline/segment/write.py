@@ -303,8 +303,9 @@ class UnitWriter:
             self._dets.append((image_uri, int(height), int(width), detections))
             self._det_rows += n
             self.detections += n
-            for label in detections.labels:
-                self.labels[self._label_name(int(label))] += 1
+            values, counts = np.unique(detections.labels, return_counts=True)
+            for label, count in zip(values.tolist(), counts.tolist()):
+                self.labels[self._label_name(label)] += count
             if self._det_rows >= ROW_GROUP_ROWS:
                 self._flush_detections()
         if len(self._order) >= ROW_GROUP_ROWS:

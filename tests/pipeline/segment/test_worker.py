@@ -163,3 +163,52 @@ def test_a_unit_of_many_inputs_keeps_their_order(shapes_dir, tmp_path):
     [stats], rows, _ = run(tmp_path, files, io_threads=4, batch_size=3)
     assert [r["image_uri"] for r in rows] == sorted(files)
     assert stats.images == len(files) and stats.errors == sum(1 for d in files.values() if not d)
+
+
+def test_the_gpu_layout_writes_the_same_rows(shapes_dir, tmp_path):
+    """What GPUs run — all masks of a batch at once with run boundaries on the device, on a post-processing thread
+    beside the next forward pass — here on CPU tensors: the same rows, detections, RLE strings and areas, in the
+    same order, as the CPU layout (exact in-box masks, one thread), bad inputs included."""
+    datas = {f.name: f.read_bytes() for f in sorted((shapes_dir / "val").glob("*.jpg"))[:5]}
+    datas["bad.jpg"] = b"not a jpeg"
+    datas = dict(sorted(datas.items()))
+    units = units_for(tmp_path, datas)
+    rows = {}
+    for route, overlap in (("in_box", False), ("batched", True)):
+        out = tmp_path / f"out-{route}"
+        make_worker(out, batch_size=2, mask_route=route, overlap=overlap).process(units[0])
+        images = pq.read_table(out / "images").drop_columns(["run_id", "decode_ms", "infer_ms"]).to_pylist()
+        dets = pq.read_table(out / "detections").drop_columns(["run_id"]).to_pylist()
+        rows[route] = (images, dets)
+    assert rows["batched"] == rows["in_box"] and len(rows["in_box"][1]) > 0
+    assert [r["image_uri"] for r in rows["batched"][0]] == list(datas)
+
+
+def test_fp16_is_refused_on_a_cpu():
+    spec = resolve_spec("none", min_size=TINY_MODEL["min_size"], max_size=TINY_MODEL["max_size"])
+    with pytest.raises(ValueError, match="fp16 runs on GPUs only"):
+        SegmentWorker(spec=spec, score_threshold=SCORE, output_url="unused", precision="fp16")
+
+
+def test_an_image_that_breaks_the_batch_is_isolated(shapes_dir, tmp_path):
+    """A forward pass that fails on a batch (e.g. out of memory because of one huge image) is retried image by
+    image: the other images of the batch come out ok, the one that still fails gets an error row."""
+    datas = {f.name: f.read_bytes() for f in sorted((shapes_dir / "val").glob("*.jpg"))[:4]}
+    bad = list(datas)[2]
+    worker = make_worker(tmp_path / "out", batch_size=4, overlap=True)
+    real_forward = worker.segmenter.forward
+    bad_shape = decode_image(datas[bad], max_pixels=10**8).shape
+
+    def forward(images):
+        if any(tuple(i.shape) == bad_shape for i in images):
+            raise RuntimeError("CUDA out of memory (simulated)")
+        return real_forward(images)
+
+    worker.segmenter.forward = forward
+    [unit] = units_for(tmp_path, datas)
+    stats = worker.process(unit)
+    rows = {r["image_uri"]: r for r in pq.read_table(tmp_path / "out" / "images").to_pylist()}
+    assert rows[bad]["status"] == "error"
+    assert rows[bad]["error"] == "inference failed: RuntimeError: CUDA out of memory (simulated)"
+    assert all(rows[u]["status"] == "ok" and rows[u]["num_detections"] > 0 for u in datas if u != bad)
+    assert (stats.images, stats.ok, stats.errors) == (4, 3, 1)
