@@ -29,7 +29,7 @@ from model.checkpoint import CheckpointError
 from pipeline.config import ConfigError, redacted
 from pipeline.errors import JobError, describe_storage_error, one_line, root_cause
 from pipeline.segment import plan as plan_mod
-from pipeline.segment.config import ComputeConfig, SegmentConfig
+from pipeline.segment.config import FP16_ON_CPU, ComputeConfig, SegmentConfig
 from pipeline.segment.infer import resolve_precision
 from pipeline.segment.lease import Lease
 from pipeline.segment.plan import Plan
@@ -277,6 +277,8 @@ def segment(
                     cfg.compute, device=cfg.model.device, cluster_gpus=gpus, node_cpus=node_cpus
                 )
                 summary.resources = res
+                if res.device == "cpu" and cfg.model.precision == "fp16":
+                    raise ConfigError(f"{FP16_ON_CPU} (this cluster has no GPU)")
                 precision = resolve_precision(cfg.model.precision, res.device)
                 log(
                     f"processing {pending} units on {res.min_actors}..{res.max_actors} actor(s) "

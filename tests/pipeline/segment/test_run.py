@@ -139,3 +139,13 @@ def test_a_second_run_on_a_leased_local_output_is_refused_at_once(ray_local, sha
         assert not (out / "_plan").exists() and not (out / "_config.json").exists()
     summary, _ = run(str(shapes_dir / "val"), str(out))  # the lock is dropped with its holder
     assert summary.complete
+
+
+def test_fp16_on_a_cluster_without_gpus_is_a_config_error(ray_local, shapes_dir, tmp_path):
+    with pytest.raises(
+        ConfigError, match=r"model.precision: fp16 runs on GPUs only .* \(this cluster has no GPU\)"
+    ):
+        run(str(shapes_dir / "val"), str(tmp_path / "out"), model={"precision": "fp16"})
+    assert (
+        not list((tmp_path / "out" / "images").glob("*")) if (tmp_path / "out" / "images").exists() else True
+    )
