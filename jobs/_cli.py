@@ -1,4 +1,4 @@
-"""What every job shares: repo on sys.path, YAML + `--set` parsing, Ray start/join, one-line failures.
+"""What every job shares: repo on sys.path, YAML + `--set` parsing, quiet output, Ray start/join, one-line failures.
 
 The scripts run as `python jobs/<name>.py` (locally or under `ray job submit --working-dir .`), where Python puts
 `jobs/` itself on sys.path; the repo root is added so `pipeline`/`model` import without installation.
@@ -9,6 +9,8 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import tempfile
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -73,6 +75,99 @@ def _deep_copy(d: dict) -> dict:
     return {k: _deep_copy(v) if isinstance(v, dict) else v for k, v in d.items()}
 
 
+# --- output: the job's own lines on the terminal, Ray's in a log file --------------------------------------------
+
+# Set by setup_output: where Ray's own messages go in quiet mode (None: verbose, everything on the terminal).
+_LOG_PATH: str | None = None
+
+
+def add_output_args(p) -> None:
+    p.add_argument(
+        "--verbose",
+        action="store_true",
+        help="show Ray's own messages and every worker's output here (default: they go to a log file whose path "
+        "the job prints, and the terminal shows the job's own lines and progress)",
+    )
+
+
+def live_progress() -> bool:
+    """Progress bars when a person watches (stderr is a terminal); periodic plain lines in CI and `ray job logs`."""
+    return sys.stderr.isatty() and os.environ.get("TERM") != "dumb"
+
+
+def setup_output(job: str, *, verbose: bool, log_dir: str | None = None) -> str | None:
+    """Keep the terminal for the job's own lines; send everything else to a log file. Returns its path (None when
+    `verbose`).
+
+    Ray prints from several layers a job cannot silence one by one: its C++ core worker writes to file descriptor 2
+    (ray#53727's constructor-arguments warning on every actor pool), its Python loggers warn at each start, and with
+    `log_to_driver` every worker's and Ray Train controller's stdout is forwarded (Ray Train 2.60 repeats
+    "Failed to query Ray Train Controller actor state" every few seconds). So, before Ray is imported: descriptors
+    1 and 2 go to the log file (C++ output, child processes), `sys.stdout`/`sys.stderr` are re-opened on copies of
+    the terminal's descriptors (the job's prints, progress bars, error lines, tracebacks), and `init_ray` sends the
+    `ray` logger to the file and starts Ray without forwarding workers' output. Nothing is lost: the file holds
+    the driver's side, Ray's session folder the workers'.
+    """
+    global _LOG_PATH
+    if verbose or _LOG_PATH is not None:
+        return _LOG_PATH
+    folder = log_dir or os.path.join(tempfile.gettempdir(), "ray-job-logs")
+    path = os.path.abspath(os.path.join(folder, f"{job}-{time.strftime('%Y%m%dT%H%M%S')}-{os.getpid()}.log"))
+    try:
+        os.makedirs(folder, exist_ok=True)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    except OSError as e:
+        print(
+            f"note: cannot write a log file in {folder} ({e.strerror or e}); Ray's messages stay on the terminal"
+        )
+        return None
+    sys.stdout.flush()
+    sys.stderr.flush()
+    out, err = os.dup(1), os.dup(2)
+    os.dup2(fd, 1)
+    os.dup2(fd, 2)
+    os.close(fd)
+    # Line-buffered: under `ray job submit` stdout is a pipe, and `ray job logs` should show each line as it comes.
+    sys.stdout = os.fdopen(out, "w", buffering=1, encoding=sys.stdout.encoding, errors="backslashreplace")
+    sys.stderr = os.fdopen(err, "w", buffering=1, encoding=sys.stderr.encoding, errors="backslashreplace")
+    # Python warnings raised inside Ray or torch on the driver are Ray's business too.
+    logging.captureWarnings(True)
+    _to_log_file(logging.getLogger("py.warnings"), path)
+    _LOG_PATH = path
+    return path
+
+
+def _to_log_file(logger: logging.Logger, path: str) -> None:
+    handler = logging.FileHandler(path, encoding="utf-8")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logger.handlers = [handler]
+    logger.propagate = False
+
+
+def _ray_loggers_to_file(path: str) -> None:
+    """Ray's console handlers (on `ray`, and on `ray.data`, which does not propagate) write to whatever sys.stderr
+    is at the time, i.e. the terminal: swap them for the log file; Ray Data's own session log file stays."""
+    handler = logging.FileHandler(path, encoding="utf-8")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    names = ["ray", *sorted(n for n in logging.root.manager.loggerDict if n.startswith("ray."))]
+    for name in names:
+        logger = logging.getLogger(name)
+        console = [
+            h
+            for h in logger.handlers
+            if isinstance(h, logging.StreamHandler) and not isinstance(h, logging.FileHandler)
+        ]
+        if console or (name == "ray" and not logger.handlers):
+            logger.handlers = [h for h in logger.handlers if h not in console] + [handler]
+
+
+def log_notice() -> str | None:
+    """The line that tells where Ray's messages went (None in verbose mode)."""
+    if _LOG_PATH is None:
+        return None
+    return f"Ray's own messages: {_LOG_PATH} (workers' output: Ray's session logs; --verbose shows all here)"
+
+
 # How long joining a Ray cluster may take before the job gives up with one line (the probe below fails faster
 # when nothing listens at the address; this bounds a peer that accepts connections but never answers).
 RAY_CONNECT_TIMEOUT_S = 60
@@ -95,6 +190,9 @@ def init_ray(address: str | None = None) -> None:
     # (Ray Data's full log stays in the session's ray-data.log).
     for name in ("ray", "ray.data", "ray.train", "ray.tune"):
         logging.getLogger(name).setLevel(logging.WARNING)
+    quiet = _LOG_PATH is not None
+    if quiet:
+        _ray_loggers_to_file(_LOG_PATH)
     # A job may ask for Ray more than once (e.g. to plan a manifest, then to segment): join or start it once.
     if ray.is_initialized():
         return
@@ -104,11 +202,21 @@ def init_ray(address: str | None = None) -> None:
         # `pipeline`/`model` even when the project is not pip-installed.
         paths = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
         os.environ["PYTHONPATH"] = os.pathsep.join([ROOT, *[p for p in paths if p != ROOT]])
-        ray.init(address="local", include_dashboard=False, logging_level=logging.WARNING)
+        ray.init(
+            address="local", include_dashboard=False, logging_level=logging.WARNING, log_to_driver=not quiet
+        )
+        _notice()
         return
     # On a cluster the code reaches workers through `ray job submit --working-dir .` (or an installed image).
     _probe(target)
-    _join_within(ray, target, RAY_CONNECT_TIMEOUT_S)
+    _join_within(ray, target, RAY_CONNECT_TIMEOUT_S, log_to_driver=not quiet)
+    _notice()
+
+
+def _notice() -> None:
+    line = log_notice()
+    if line:
+        print(line)
 
 
 class _RayTarget:
@@ -216,7 +324,7 @@ def _probe(target: _RayTarget) -> None:
         raise JobError(target.failure(f"{host}:{port}: {e.strerror or e}")) from None
 
 
-def _join_within(ray: Any, target: _RayTarget, timeout_s: float) -> None:
+def _join_within(ray: Any, target: _RayTarget, timeout_s: float, *, log_to_driver: bool = True) -> None:
     """`ray.init(address=...)` in this (main) thread, as before, under a watchdog: Ray itself keeps waiting for a
     peer that accepts connections but never answers (logging `Failed to get cluster ID from GCS server: TimedOut`
     every minute), so past `timeout_s` the watchdog prints the one failure line and ends the process with
@@ -238,7 +346,7 @@ def _join_within(ray: Any, target: _RayTarget, timeout_s: float) -> None:
 
     threading.Thread(target=watchdog, name="ray-join-watchdog", daemon=True).start()
     try:
-        ray.init(address=target.init_address, logging_level=logging.WARNING)
+        ray.init(address=target.init_address, logging_level=logging.WARNING, log_to_driver=log_to_driver)
     except (ConnectionError, TimeoutError, RuntimeError, ValueError) as e:
         reason = " ".join(str(e).split()) or type(e).__name__
         raise JobError(target.failure(f"ray.init failed: {reason[:300]}", verb="join")) from None

@@ -5,11 +5,13 @@
                                          [--format table|csv|parquet] [--output URL] [--limit N]
     python jobs/query.py RESULTS_URL render IMAGE_URI --output FILE.png [--min-score S]
     python jobs/query.py RESULTS_URL render --sample N --output DIR [--min-score S]
+    python jobs/query.py RESULTS_URL report --output DIR [--sample N] [--min-score S]
 
 SQL is DuckDB's, over the tables `images` and `detections` (columns in the README, "Output"). S3: the endpoint comes
 from --endpoint-url or AWS_ENDPOINT_URL, credentials from the standard AWS sources. Exit status: 0 on success,
 1 with one `error: ...` line when the query cannot be answered (no results at the URL, bad SQL, unknown image),
-2 for bad arguments.
+2 for bad arguments. `report` writes a static HTML page (DIR/index.html, pictures under DIR/images/; opens from
+disk, nothing loaded from the network) to a local DIR, and prints its path last.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ from pipeline.results.query import (
     write_csv,
     write_table,
 )
+from pipeline.results.report import write_report
 
 TABLE_ROWS = 100  # rows printed by `sql --format table` unless --limit says otherwise
 
@@ -74,6 +77,21 @@ def get_args_parser() -> argparse.ArgumentParser:
     r.add_argument("--sample", type=int, metavar="N", help="render the N ok images with the most detections")
     r.add_argument("--output", required=True, help="FILE.png for one image, a folder for --sample")
     r.add_argument("--min-score", type=float, default=0.5, help="draw detections with score >= S (0.5)")
+
+    h = sub.add_parser(
+        "report", parents=[common], help="a static HTML report: summary, charts, sample, errors"
+    )
+    h.add_argument(
+        "--output", required=True, metavar="DIR", help="local folder for index.html and its pictures"
+    )
+    h.add_argument(
+        "--sample",
+        type=int,
+        default=12,
+        metavar="N",
+        help="overlays of the N images whose best detection scores highest (12; 0 = none)",
+    )
+    h.add_argument("--min-score", type=float, default=0.5, help="draw detections with score >= S (0.5)")
     return p
 
 
@@ -90,6 +108,8 @@ def main() -> int:
         print(json.dumps(s, indent=2) if args.json else "\n".join(format_summary(s)))
     elif args.command == "sql":
         _sql(args, results, storage)
+    elif args.command == "report":
+        print(write_report(results, args.output, sample=args.sample, min_score=args.min_score))
     else:
         if args.sample is not None:
             done = render_sample(results, args.sample, args.output, min_score=args.min_score)
@@ -108,6 +128,13 @@ def _check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> No
             parser.error("render: give either IMAGE_URI or --sample N")
         if args.sample is not None and args.sample < 1:
             parser.error("render: --sample N needs N >= 1")
+    elif args.command == "report":
+        if args.sample < 0:
+            parser.error("report: --sample N needs N >= 0")
+        if not 0 <= args.min_score <= 1:  # also refuses nan, which no SQL comparison could use
+            parser.error("report: --min-score S needs 0 <= S <= 1")
+        if "://" in args.output and not args.output.startswith("file://"):
+            parser.error(f"report: --output is a local folder, not {args.output}")
     elif args.command == "sql":
         args.format = args.format or _format_of(args.output)
         if args.format is None:

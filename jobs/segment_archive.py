@@ -15,13 +15,14 @@ import argparse
 import os
 
 import _cli  # noqa: F401  (puts the repo root on sys.path)
-from _cli import EXIT_OK, init_ray, load_config_dict, run_main
+from _cli import EXIT_OK, add_output_args, init_ray, live_progress, load_config_dict, run_main, setup_output
 
 from pipeline.errors import JobError
 from pipeline.segment.config import segment_config
 
 DEMO_DIR = "demo"
 DEMO_TRAIN_IMAGES, DEMO_VAL_IMAGES = 600, 100
+DEMO_IMAGE_SIZE = (192, 256)  # largest height, width; images are drawn at 75-100% of it
 DEMO_TRAIN_CONFIG = os.path.join(_cli.ROOT, "configs", "train_cpu_small.yaml")
 # The embedded default: the generated archive's val split, segmented with the checkpoint the demo trains (its sizes
 # come from the checkpoint); a low score threshold because the results are scored with COCO AP.
@@ -79,6 +80,7 @@ def get_args_parser() -> argparse.ArgumentParser:
         metavar=("TRAIN", "VAL"),
         help=f"with --demo: images to generate (default {DEMO_TRAIN_IMAGES} {DEMO_VAL_IMAGES})",
     )
+    add_output_args(p)
     return p
 
 
@@ -92,11 +94,12 @@ def main() -> int:
     cfg = segment_config(data)  # every key checked before any work starts
     if args.demo:
         return _demo(cfg, args)
+    setup_output("segment_archive", verbose=args.verbose)
 
     from pipeline.segment.run import segment
 
     # Ray starts (or is joined) only when there is work for it: a finished run's re-run never waits for it.
-    summary = segment(cfg, connect=lambda: init_ray(args.ray_address))
+    summary = segment(cfg, connect=lambda: init_ray(args.ray_address), live=live_progress())
     print("\n".join(summary.lines()))
     if not summary.complete:
         raise JobError(
@@ -114,14 +117,18 @@ def _demo(cfg, args) -> int:
     _cli._merge(preset, _cli._deep_copy(DEMO_TRAIN_OVERRIDES))
     train_data = load_config_dict(None, args.train_set, base=preset)  # the user's --train-set wins
     train_cfg = train_config(train_data)  # checked before any work, like the segment config
+    setup_output("demo", verbose=args.verbose, log_dir=f"{DEMO_DIR}/logs")
     init_ray(args.ray_address)
     run_demo(
         train_cfg,
         cfg,
         shapes=f"{DEMO_DIR}/shapes",
         renders=f"{DEMO_DIR}/renders",
+        report=f"{DEMO_DIR}/report",
         train_images=args.demo_images[0],
         val_images=args.demo_images[1],
+        image_size=DEMO_IMAGE_SIZE,
+        live=live_progress(),
     )
     return EXIT_OK
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 import argparse
 
 import _cli  # noqa: F401  (puts the repo root on sys.path)
-from _cli import EXIT_OK, init_ray, load_config_dict, run_main
+from _cli import EXIT_OK, add_output_args, init_ray, live_progress, load_config_dict, run_main, setup_output
 
 from pipeline.train.config import train_config
 
@@ -26,13 +26,15 @@ def main() -> int:
         help="Ray cluster to join: host:port or ray://host:port; `auto` joins the cluster recorded on this machine "
         "by `ray start` (default: an embedded local Ray; under `ray job submit`, $RAY_ADDRESS is used)",
     )
+    add_output_args(p)
     args = p.parse_args()
     cfg = train_config(load_config_dict(args.config, args.set))  # every key checked before any work starts
+    setup_output("train", verbose=args.verbose)
 
     from pipeline.train.run import run_training
 
     init_ray(args.ray_address)
-    summary = run_training(cfg)
+    summary = run_training(cfg, live=live_progress())
     print("\n".join(summary.lines()))
     return EXIT_OK
 

@@ -11,6 +11,8 @@ weights and sizes, optimiser settings, `run_config` (the redacted config, stored
 
 from __future__ import annotations
 
+import contextlib
+import io
 import math
 import os
 import tempfile
@@ -95,10 +97,11 @@ def train_per_worker(config: dict) -> None:
             flip_prob=config["flip_prob"],
         )
 
+    say = _Reporter(config.get("events"), enabled=rank == 0)
     train_ds, val_ds = split("train", train=True), split("val", train=False)
     index, val_index = train_ds.index, val_ds.index
     if rank == 0 and any(train_ds.dropped.values()):
-        print(f"train data: dropped {train_ds.dropped} annotations (crowd / boxes under 1 px)")
+        say.line(f"train data: dropped {train_ds.dropped} annotations (crowd / boxes under 1 px)")
     model = build_for_training(config, index.num_classes)
     model = ray.train.torch.prepare_model(model)  # [Ray Train] to device + DDP
     bare = model.module if hasattr(model, "module") else model
@@ -152,7 +155,7 @@ def train_per_worker(config: dict) -> None:
         scheduler.load_state_dict(state.extra["scheduler"])
         start_epoch = int(state.extra["epoch"]) + 1
         if rank == 0:
-            print(f"resuming from {resume.path} at epoch {start_epoch}")
+            say.line(f"resuming from {resume.path} at epoch {start_epoch}")
 
     for epoch in range(start_epoch, config["epochs"]):
         batches.set_epoch(epoch)
@@ -189,12 +192,23 @@ def train_per_worker(config: dict) -> None:
             seen += len(images) * world
             loss_sum += value
             n_iter += 1
-            if rank == 0 and (it + 1) % config["log_interval"] == 0:
+            if rank == 0:
                 rate = seen / (time.perf_counter() - t0)
-                parts = " ".join(f"{k}={float(v.detach()):.3f}" for k, v in losses.items())
-                print(
-                    f"epoch {epoch} iter {it + 1}/{iters} loss={value:.3f} {parts} "
-                    f"lr={optimizer.param_groups[0]['lr']:.5f} {rate:.2f} images/s"
+                lr = optimizer.param_groups[0]["lr"]
+                text = None
+                if (it + 1) % config["log_interval"] == 0:
+                    parts = " ".join(f"{k}={float(v.detach()):.3f}" for k, v in losses.items())
+                    text = f"epoch {epoch} iter {it + 1}/{iters} loss={value:.3f} {parts} lr={lr:.5f} {rate:.2f} images/s"
+                    print(text)
+                say.step(
+                    epoch=epoch,
+                    epochs=config["epochs"],
+                    it=it + 1,
+                    iters=iters,
+                    loss=value,
+                    lr=lr,
+                    rate=rate,
+                    text=text,
                 )
         metrics = {
             "epoch": epoch,
@@ -206,10 +220,14 @@ def train_per_worker(config: dict) -> None:
             "segm_AP": NOT_EVALUATED,
         }
         if (epoch + 1) % config["eval_every"] == 0 or epoch + 1 == config["epochs"]:
-            stats = evaluate_distributed(bare, val_ds, val_index, rank=rank, world=world, device=device)
+            say.line(f"epoch {epoch}: evaluating on {len(val_ds)} val images ...", transient=True)
+            tables = io.StringIO()
+            with contextlib.redirect_stdout(tables):
+                stats = evaluate_distributed(bare, val_ds, val_index, rank=rank, world=world, device=device)
             metrics.update(bbox_AP=stats["bbox"][0], segm_AP=stats["segm"][0])
             if rank == 0:
-                print(f"epoch {epoch}: {summary_line(stats)}")
+                say.table(tables.getvalue().rstrip("\n"))
+                say.line(f"epoch {epoch}: {summary_line(stats)}")
         with tempfile.TemporaryDirectory() as d:
             checkpoint = None
             if rank == 0:  # one copy of the weights; the other workers report metrics only
@@ -233,6 +251,48 @@ def train_per_worker(config: dict) -> None:
                 )
                 checkpoint = ray.train.Checkpoint.from_directory(d)
             ray.train.report(metrics, checkpoint=checkpoint)  # [Ray Train]
+
+
+class _Reporter:
+    """Rank 0's lines for the person running the job: printed (Ray keeps them in the worker's log, and forwards
+    them when the driver asks for workers' output) and, when the driver passed an `events` queue, sent to it, so
+    the driver shows them once, as lines or progress bars, without forwarding Ray's own worker noise.
+
+    Events: `{"kind": "line", "text", "transient"}`, `{"kind": "table", "text"}` (pycocotools' AP tables),
+    `{"kind": "step", "epoch", "epochs", "it", "iters", "loss", "lr", "rate", "text"}` (`text`: the log_interval
+    line, else None). Steps are sent at most every STEP_EVENT_S; sending never stops training.
+    """
+
+    STEP_EVENT_S = 0.5
+
+    def __init__(self, events, *, enabled: bool):
+        self._events, self._enabled = events, enabled
+        self._last_step = 0.0
+
+    def line(self, text: str, *, transient: bool = False) -> None:
+        if self._enabled:
+            print(text)
+            self._send({"kind": "line", "text": text, "transient": transient})
+
+    def table(self, text: str) -> None:
+        if self._enabled:
+            print(text)
+            self._send({"kind": "table", "text": text})
+
+    def step(self, *, text: str | None, it: int, iters: int, **values) -> None:
+        now = time.perf_counter()
+        if text is None and it < iters and now - self._last_step < self.STEP_EVENT_S:
+            return
+        self._last_step = now
+        self._send({"kind": "step", "text": text, "it": it, "iters": iters, **values})
+
+    def _send(self, event: dict) -> None:
+        if self._events is None or not self._enabled:
+            return
+        try:
+            self._events.put_nowait(event)
+        except Exception:  # noqa: BLE001  (a full or lost queue costs the driver a line, never the training)
+            pass
 
 
 def evaluate_distributed(

@@ -1,7 +1,7 @@
 """The offline demo: from nothing to pictures on one machine, no internet.
 
-generate a shapes archive → train (Ray Train) → segment the val images with the trained checkpoint (Ray Data actor
-pool) → COCO AP of the results (pycocotools) → summary → overlay pictures.
+[1/5] generate a shapes archive → [2/5] train (Ray Train) → [3/5] segment the val images with the trained checkpoint
+(Ray Data actor pool) → [4/5] COCO AP of the results (pycocotools) → [5/5] overlay pictures and an HTML run report.
 
 Requires a connected Ray (`jobs/segment_archive.py --demo` starts an embedded one). Each step is the real job's
 code path, called with validated configs; nothing here is demo-only logic but the order and the folder names.
@@ -31,14 +31,30 @@ def _has_split(shapes: str, split: str, n: int) -> bool:
         return False
 
 
-def ensure_shapes(shapes: str, *, train: int, val: int, seed: int, log: Callable[[str], None]) -> None:
+def ensure_shapes(
+    shapes: str, *, train: int, val: int, seed: int, size: tuple[int, int], log: Callable[[str], None]
+) -> None:
     from pipeline.demo.shapes import make_shapes
 
-    if _has_split(shapes, "train", train) and _has_split(shapes, "val", val):
-        log(f"demo: using the shapes archive in {shapes}/ ({train} train, {val} val images)")
+    if _has_split(shapes, "train", train) and _has_split(shapes, "val", val) and _has_size(shapes, size):
+        log(f"[1/5] data: the shapes archive in {shapes}/ ({train} train, {val} val images)")
         return
-    log(f"demo: generating a synthetic shapes archive in {shapes}/ ({train} train, {val} val images) ...")
-    make_shapes(shapes, train=train, val=val, seed=seed)
+    log(
+        f"[1/5] data: generating a synthetic shapes archive in {shapes}/ ({train} train, {val} val images) ..."
+    )
+    make_shapes(shapes, train=train, val=val, seed=seed, size=size)
+
+
+def _has_size(shapes: str, size: tuple[int, int]) -> bool:
+    """Whether the archive was generated at `size` (images are drawn at 75-100% of it): a demo whose image size
+    changed regenerates instead of training on the old archive."""
+    path = os.path.join(shapes, "annotations", "instances_val.json")
+    try:
+        with open(path, encoding="utf-8") as f:
+            images = json.load(f)["images"]
+        return max(i["height"] for i in images) <= size[0] and max(i["width"] for i in images) <= size[1]
+    except (OSError, ValueError, KeyError):
+        return False
 
 
 def run_demo(
@@ -47,31 +63,42 @@ def run_demo(
     *,
     shapes: str,
     renders: str,
+    report: str,
     train_images: int,
     val_images: int,
+    image_size: tuple[int, int],
     samples: int = 4,
+    min_score: float = 0.5,
     log: Callable[[str], None] = print,
+    live: bool = False,
 ) -> dict:
-    """Run every step; returns what a test or the caller may check (AP, counts, rendered files, timings)."""
+    """Run every step; returns what a test or the caller may check (AP, counts, rendered files, timings).
+
+    Prints one screen: a header per step ("[2/5] training ..."), the steps' own short summaries, progress bars
+    (`live`) or periodic lines, and last the AP line.
+    """
     from pipeline.results.evaluate import evaluate_results, load_ground_truth
     from pipeline.results.open import open_results
-    from pipeline.results.query import format_summary, render_sample, summary
+    from pipeline.results.query import render_sample
+    from pipeline.results.report import top_images, write_report
     from pipeline.segment.run import segment
     from pipeline.train.run import run_training
 
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
-    ensure_shapes(shapes, train=train_images, val=val_images, seed=0, log=log)
+    ensure_shapes(shapes, train=train_images, val=val_images, seed=0, size=image_size, log=log)
     timings["data_s"] = time.perf_counter() - t0
 
     t = time.perf_counter()
+    m, o = train_cfg.model, train_cfg.train
     log(
-        f"\ndemo: training {train_cfg.model.backbone} Mask R-CNN from scratch for {train_cfg.train.epochs} epochs "
-        f"on {train_images} images with Ray Train ({train_cfg.scaling.num_workers} worker) ..."
+        f"\n[2/5] training: {m.backbone} Mask R-CNN from scratch on {train_images} images, {o.epochs} epoch{'' if o.epochs == 1 else 's'} "
+        f"at {max(m.min_size)} px (Ray Train, {train_cfg.scaling.num_workers} worker) ..."
     )
-    trained = run_training(train_cfg)
+    # The AP tables would fill the screen; step 4 prints the AP that matters, of the job's own results.
+    trained = run_training(train_cfg, log=log, live=live, tables=False)
     timings["train_s"] = time.perf_counter() - t
-    for line in trained.lines():
+    for line in trained.lines()[1:]:
         log(line)
     if not trained.best_checkpoint_url:
         raise JobError("demo: training produced no checkpoint")
@@ -80,11 +107,12 @@ def run_demo(
     cfg = dataclasses.replace(
         segment_cfg, model=dataclasses.replace(segment_cfg.model, weights=trained.best_checkpoint_url)
     )
-    log(f"\ndemo: segmenting {cfg.input.url} with that checkpoint through the Ray Data actor pool ...")
-    seg = segment(cfg, log=log)
+    log(f"\n[3/5] segmenting {cfg.input.url} with that checkpoint (the segment job: Ray Data actor pool) ...")
+    seg = segment(cfg, log=log, live=live)
     timings["segment_s"] = time.perf_counter() - t
     for line in seg.lines():
-        log(line)
+        if line.startswith(("images:", "throughput:", "results:")):
+            log(line)
     if not seg.complete:
         raise JobError(
             f"demo: {len(seg.units_incomplete)} unit(s) did not complete; run the demo again to resume"
@@ -93,20 +121,28 @@ def run_demo(
     t = time.perf_counter()
     annotations = f"{shapes}/annotations/instances_val.json"
     results = open_results(seg.output_url)
-    log(f"\ndemo: COCO AP of {seg.output_url} against {annotations} (pycocotools):")
-    ev = evaluate_results(results, load_ground_truth(annotations), verbose=True)
+    log(f"\n[4/5] COCO AP of {seg.output_url} against {annotations} (pycocotools):")
+    ev = evaluate_results(results, load_ground_truth(annotations), verbose=False)
+    for name, kind in (("mask", "segm"), ("box", "bbox")):
+        v = ev.stats[kind]
+        log(f"  {name:4} AP {v[0]:.3f}   AP50 {v[1]:.3f}   AP75 {v[2]:.3f}")
     timings["evaluate_s"] = time.perf_counter() - t
 
-    log("")
-    for line in format_summary(summary(results)):
-        log(line)
-    rendered = render_sample(results, samples, renders, min_score=0.5)
-    timings["total_s"] = time.perf_counter() - t0
-    log(f"\ndemo: {len(rendered)} overlay pictures (masks, boxes, label score >= 0.5) in {renders}/:")
-    for r in rendered:
-        log(f"  {r['output']}")
+    t = time.perf_counter()
     log(
-        f"demo: done in {timings['total_s'] / 60:.1f} min (training {timings['train_s'] / 60:.1f} min). "
+        f"\n[5/5] report: overlays of the images with the most confident detections (score >= {min_score}) ..."
+    )
+    best, _ = top_images(results, samples, min_score=min_score)  # the report's own choice, by best score
+    rendered = render_sample(
+        results, samples, renders, min_score=min_score, uris=[b["image_uri"] for b in best]
+    )
+    page = write_report(results, report, min_score=min_score, log=lambda _line: None)
+    timings["report_s"] = time.perf_counter() - t
+    timings["total_s"] = time.perf_counter() - t0
+    log(f"  {len(rendered)} overlay pictures in {renders}/")
+    log(f"  run report (open it in a browser): {page}")
+    log(
+        f"\ndemo: done in {timings['total_s'] / 60:.1f} min (training {timings['train_s'] / 60:.1f} min). "
         f"Query the results: python jobs/query.py {seg.output_url} summary"
     )
     log(ev.summary_line())
@@ -116,5 +152,6 @@ def run_demo(
         "images": seg.images,
         "checkpoint": trained.best_checkpoint_url,
         "rendered": rendered,
+        "report": page,
         "timings": timings,
     }

@@ -15,6 +15,12 @@ Everything takes a `Results` (from `pipeline.results.open_results`) or a results
 Images are re-read from their `image_uri` (a local path, an fsspec URL, or `<shard>.tar#<member>`) and decoded by
 `model.decode.decode_image`, the decoder the segment job used, so EXIF orientation and sizes match the stored
 coordinates. Relative local paths are relative to the directory the segment job ran in.
+
+Results written by another tool may lack columns: pyarrow reads a column a Parquet file lacks as nulls. Only
+`REQUIRED` columns are needed; a null there is a `QueryError` naming the column. Every other column has a fallback:
+without `instance`, detections are ordered (and coloured) by descending score, which is what `instance` means;
+without `num_detections`, images are ranked by their rows in `detections`; without `height`/`width`, a render checks
+the masks' own size against the image instead.
 """
 
 from __future__ import annotations
@@ -58,10 +64,29 @@ PALETTE = [
     (23, 190, 207),
 ]
 ALPHA = 0.5  # mask fill opacity
+# The columns these queries cannot do without (README, "Output"); the rest are optional, see the module docstring.
+REQUIRED = {
+    IMAGES_DIR: ("image_uri", "status"),
+    DETECTIONS_DIR: ("image_uri", "label_name", "score", "bbox", "mask"),
+}
 
 
 class QueryError(JobError):
     """A query that cannot be answered (bad SQL, unknown image, unreadable image): one line for the user."""
+
+
+def missing_column(table: str, column: str, where: str = "") -> QueryError:
+    """The one-line error for a required column that is absent (read as null) or null."""
+    return QueryError(
+        f"{table}.{column} is missing{where}: a required column of the results (README, Output); "
+        "were they written by another tool?"
+    )
+
+
+def _require(rows: list[dict], table: str, where: str = "") -> None:
+    for column in REQUIRED[table]:
+        if any(row.get(column) is None for row in rows):
+            raise missing_column(table, column, where)
 
 
 def _results(results: Results | str, storage_options: dict | None) -> Results:
@@ -175,7 +200,7 @@ def summary(results: Results | str, *, storage_options: dict | None = None) -> d
         # Scores are float32: 0.9 is stored as 0.89999998. Rounded to float32's 6 decimals first, a score shown
         # as 0.9 falls in [0.9, 1.0] as a reader expects, not in [0.8, 0.9).
         det_groups = con.sql(
-            f"SELECT label_name, least(floor(round(score::DOUBLE, 6) * {SCORE_BINS}), {SCORE_BINS - 1})::INTEGER "
+            f"SELECT label_name, floor(round(score::DOUBLE, 6) * {SCORE_BINS})::INTEGER "
             "AS bin, model_id, run_id, count(*) AS n FROM detections GROUP BY ALL"
         ).fetchall()
         stats = con.sql(
@@ -188,6 +213,8 @@ def summary(results: Results | str, *, storage_options: dict | None = None) -> d
     ok = errors = 0
     run_ids, model_ids = set(), set()
     for status, reason, model_id, run_id, n in img_groups:
+        if status is None:  # else every row would count as an error of reason "unknown"
+            raise missing_column(IMAGES_DIR, "status")
         if status == STATUS_OK:
             ok += n
         else:
@@ -197,8 +224,12 @@ def summary(results: Results | str, *, storage_options: dict | None = None) -> d
         run_ids.add(run_id)
         model_ids.add(model_id)
     for label_name, bin_, model_id, run_id, n in det_groups:
+        if label_name is None or bin_ is None:
+            raise missing_column(DETECTIONS_DIR, "label_name" if label_name is None else "score")
         labels[label_name] = labels.get(label_name, 0) + n
-        histogram[max(0, bin_)] += n  # a negative score cannot come from the model; kept countable anyway
+        # Clamped here, not by SQL's least(), which ignores a null (a missing score would land in the top bin).
+        # 1.0 belongs to the last bin; a negative score cannot come from the model, kept countable anyway.
+        histogram[min(max(0, bin_), SCORE_BINS - 1)] += n
         run_ids.add(run_id)
         model_ids.add(model_id)
     lo, quartiles, hi = stats
@@ -259,15 +290,30 @@ def image_row(results: Results, image_uri: str) -> dict:
         raise QueryError(
             f"{image_uri}: not in the results at {results.url} (image_uri is as the job wrote it)"
         )
+    _require(rows[:1], IMAGES_DIR, f" for {image_uri}")
     return rows[0]
 
 
 def detections_of(results: Results, image_uri: str, *, min_score: float = 0.0) -> list[dict]:
-    """Detection rows of one image with `score >= min_score`, in instance order (descending score)."""
-    table = results.table(
-        DETECTIONS_DIR, filter=(ds.field("image_uri") == image_uri) & (ds.field("score") >= min_score)
-    )
-    return sorted(table.to_pylist(), key=lambda r: r["instance"])
+    """Detection rows of one image with `score >= min_score`, in instance order (descending score).
+
+    Rows without `instance` (results from another tool) are ordered by descending score instead; a required column
+    that is missing is a `QueryError` naming it.
+    """
+    # All rows of the image, then the score filter: a missing `score` must be reported, not filtered away as null.
+    rows = results.table(DETECTIONS_DIR, filter=ds.field("image_uri") == image_uri).to_pylist()
+    _require(rows, DETECTIONS_DIR, f" for {image_uri}")
+    kept = [row for row in rows if row["score"] >= min_score]
+    return [kept[i] for _, i in instance_order(kept)]
+
+
+def instance_order(rows: list[dict]) -> list[tuple[int, int]]:
+    """`(rank, index into rows)` in instance order. The rank is `instance` when every row has one, else the position
+    by descending score (ties by input order), which is what `instance` means. Overlays colour by this rank."""
+    if all(row.get("instance") is not None for row in rows):
+        return sorted((row["instance"], i) for i, row in enumerate(rows))
+    by_score = sorted(range(len(rows)), key=lambda i: -rows[i]["score"])  # stable: ties keep their order
+    return list(enumerate(by_score))
 
 
 def masks(
@@ -316,7 +362,9 @@ def load_image(results: Results | str, image_uri: str, *, storage_options: dict 
         image = decode_image(data, max_pixels=_max_pixels(results))
     except DecodeError as e:
         raise QueryError(f"{image_uri}: cannot decode the image now: {e.reason}") from None
-    if image.shape[:2] != (row["height"], row["width"]):
+    stored = (row.get("height"), row.get("width"))
+    # Without the stored size (an optional column) `render` compares the masks' own size instead.
+    if None not in stored and image.shape[:2] != stored:
         # The file changed since the run: the stored boxes and masks would land in the wrong places.
         raise QueryError(
             f"{image_uri}: the image is {image.shape[1]}x{image.shape[0]} now but was "
@@ -339,16 +387,18 @@ def overlay(image: np.ndarray, detections: list[tuple[dict, np.ndarray]]) -> Ima
     its box outlined and `label_name score` written above it (inside, at the image's top edge)."""
     h, w = image.shape[:2]
     canvas = image.astype(np.float32)
-    # Lowest score first, so the most confident instance ends on top where instances overlap.
-    ordered = sorted(detections, key=lambda rm: rm[0]["instance"], reverse=True)
-    for row, mask in ordered:
-        color = np.array(_color(row["instance"]), dtype=np.float32)
+    # Lowest score first, so the most confident instance ends on top where instances overlap; colours follow the
+    # rank (`instance`, or the score order where results lack it).
+    order = instance_order([row for row, _ in detections])
+    ordered = [(rank, *detections[i]) for rank, i in reversed(order)]
+    for rank, _, mask in ordered:
+        color = np.array(_color(rank), dtype=np.float32)
         canvas[mask] = canvas[mask] * (1 - ALPHA) + color * ALPHA
     picture = Image.fromarray(np.rint(canvas).astype(np.uint8))
     draw = ImageDraw.Draw(picture)
     line = max(1, round(min(h, w) / 300))
-    for row, _ in ordered:
-        color = _color(row["instance"])
+    for rank, row, _ in ordered:
+        color = _color(rank)
         x, y, bw, bh = row["bbox"]
         draw.rectangle([x, y, x + bw, y + bh], outline=color, width=line)
         text = f"{row['label_name']} {row['score']:.2f}"
@@ -360,8 +410,28 @@ def overlay(image: np.ndarray, detections: list[tuple[dict, np.ndarray]]) -> Ima
     return picture
 
 
-def _color(instance: int) -> tuple[int, int, int]:
-    return PALETTE[instance % len(PALETTE)]
+def _color(rank: int) -> tuple[int, int, int]:
+    return PALETTE[rank % len(PALETTE)]
+
+
+def draw_detections(
+    results: Results | str, image_uri: str, *, min_score: float = 0.5, storage_options: dict | None = None
+) -> tuple[Image.Image, int]:
+    """The overlay of `image_uri` (its own size, upright) with its detections of `score >= min_score`, and how
+    many it shows. `QueryError` as for `render`, and for masks whose size is not the image's."""
+    results = _results(results, storage_options)
+    image = load_image(results, image_uri)
+    pairs = [
+        (row, decode_mask(row["mask"])) for row in detections_of(results, image_uri, min_score=min_score)
+    ]
+    for _, mask in pairs:
+        # The file changed since the run; `load_image` catches that earlier where the results store the size.
+        if mask.shape != image.shape[:2]:
+            raise QueryError(
+                f"{image_uri}: the image is {image.shape[1]}x{image.shape[0]} now but its masks are "
+                f"{mask.shape[1]}x{mask.shape[0]}"
+            )
+    return overlay(image, pairs), len(pairs)
 
 
 def render(
@@ -379,29 +449,36 @@ def render(
     one in error, or one that can no longer be read.
     """
     results = _results(results, storage_options)
-    image = load_image(results, image_uri)
-    pairs = [
-        (row, decode_mask(row["mask"])) for row in detections_of(results, image_uri, min_score=min_score)
-    ]
-    picture = overlay(image, pairs)
+    picture, instances = draw_detections(results, image_uri, min_score=min_score)
     _write_output(output_path, results.storage_options, lambda f: picture.save(f, format="PNG"))
     return {
         "image_uri": image_uri,
         "output": output_path,
-        "width": image.shape[1],
-        "height": image.shape[0],
-        "instances": len(pairs),
+        "width": picture.width,
+        "height": picture.height,
+        "instances": instances,
     }
 
 
 def sample_uris(results: Results, n: int) -> list[str]:
     """The `n` ok images with the most detections (ties: by `image_uri`), the most telling ones to look at."""
-    table = sql(
+    ok = f"status = '{STATUS_OK}'"
+    (check,) = sql(
         results,
-        f"SELECT image_uri FROM images WHERE status = '{STATUS_OK}' ORDER BY num_detections DESC, image_uri",
-        limit=n,
-    )
-    return table.column("image_uri").to_pylist()
+        "SELECT count(*) FILTER (WHERE status IS NULL) AS no_status, "
+        f"count(*) FILTER (WHERE {ok}) = count(num_detections) FILTER (WHERE {ok}) AS known FROM images",
+    ).to_pylist()
+    if check["no_status"]:  # else no image would be ok, and the sample silently empty
+        raise missing_column(IMAGES_DIR, "status")
+    if check["known"]:
+        query = f"SELECT image_uri FROM images WHERE {ok} ORDER BY num_detections DESC, image_uri"
+    else:  # `num_detections` is optional: count the detection rows (a scan of detections.image_uri)
+        query = (
+            "SELECT i.image_uri FROM images i LEFT JOIN "
+            "(SELECT image_uri, count(*) AS n FROM detections GROUP BY 1) d USING (image_uri) "
+            f"WHERE i.{ok} ORDER BY coalesce(i.num_detections, d.n, 0) DESC, i.image_uri"
+        )
+    return sql(results, query, limit=n).column("image_uri").to_pylist()
 
 
 def render_sample(
@@ -411,12 +488,13 @@ def render_sample(
     *,
     min_score: float = 0.5,
     storage_options: dict | None = None,
+    uris: list[str] | None = None,
 ) -> list[dict]:
-    """Render the `n` ok images with the most detections (`sample_uris`) into `output_dir` as
-    `<rank>-<file name>.png` (rank 000 = most detections). Returns `render`'s dict for each."""
+    """Render the `n` ok images with the most detections (`sample_uris`), or the given `uris` in their order, into
+    `output_dir` as `<rank>-<file name>.png` (rank 000 first). Returns `render`'s dict for each."""
     results = _results(results, storage_options)
     done = []
-    for rank, uri in enumerate(sample_uris(results, n)):
+    for rank, uri in enumerate(sample_uris(results, n) if uris is None else uris[:n]):
         name = re.sub(r"[^A-Za-z0-9._-]+", "_", re.split(r"[/#]", uri)[-1]) or "image"
         target = posixpath.join(output_dir.rstrip("/"), f"{rank:03d}-{posixpath.splitext(name)[0]}.png")
         done.append(render(results, uri, target, min_score=min_score))

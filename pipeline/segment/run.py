@@ -28,6 +28,7 @@ from model.build import ModelSpec, resolve_spec
 from model.checkpoint import CheckpointError
 from pipeline.config import ConfigError, redacted
 from pipeline.errors import JobError, describe_storage_error, one_line, root_cause
+from pipeline.progress import Progress
 from pipeline.segment import plan as plan_mod
 from pipeline.segment.config import FP16_ON_CPU, ComputeConfig, SegmentConfig
 from pipeline.segment.infer import resolve_precision
@@ -228,11 +229,13 @@ def segment(
     *,
     log: Callable[[str], None] = print,
     connect: Callable[[], None] | None = None,
+    live: bool = False,
 ) -> RunSummary:
     """Run (or resume) the segment job described by `cfg`.
 
     `connect()` is called before the first use of Ray (reading manifests, segmenting); by default Ray must already
-    be connected. Nothing left to do means Ray is never needed.
+    be connected. Nothing left to do means Ray is never needed. `live`: a progress bar (a terminal) instead of a
+    progress line every `cfg.progress_interval_s`.
     """
     started = time.perf_counter()
     run_id = time.strftime("%Y%m%dT%H%M%S") + "-" + uuid.uuid4().hex[:6]
@@ -285,7 +288,9 @@ def segment(
                     f"[{res.device}, {precision}, {res.gpus_per_actor:g} GPU, {res.cpus_per_actor:g} CPU, "
                     f"{res.threads_per_actor} threads each]"
                 )
-                _execute(cfg, spec, res, out, plan, done, run_id, summary, stats_log, lease, log, started)
+                _execute(
+                    cfg, spec, res, out, plan, done, run_id, summary, stats_log, lease, log, started, live
+                )
         except BaseException:
             try:  # keep what this run committed rolled up, without hiding why it stopped
                 stats_log.flush()
@@ -427,6 +432,7 @@ def _execute(
     lease: Lease,
     log: Callable[[str], None],
     started: float,
+    live: bool,
 ) -> None:
     import ray
 
@@ -477,27 +483,49 @@ def _execute(
     seen = (
         done.copy()
     )  # units counted: done before, or reported in this run (a task re-run delivers a unit again)
-    last_report = time.perf_counter()
+
+    def line() -> str:
+        rate = summary.images_this_run / (time.perf_counter() - started)
+        return (
+            f"progress: {summary.units_committed + summary.units_skipped}/{summary.units_total} units, "
+            f"{summary.images} images ({summary.errors} error), {summary.detections} detections, "
+            f"{rate:.2f} images/s"
+        )
+
+    def status() -> str:
+        return (
+            f"units {summary.units_committed + summary.units_skipped}/{summary.units_total}, "
+            f"{summary.errors} error, {summary.detections} detections"
+        )
+
+    # Images are counted when their unit commits (the driver hears of nothing smaller); tar shards' image counts
+    # are known only once read, so a plan with shards has no total to show.
+    total = plan.inputs if all(p.kind == "files" for p in plan.parts) else None
+    progress = Progress(
+        "segment",
+        total,
+        unit="img",
+        live=live,
+        log=log,
+        interval_s=cfg.progress_interval_s,
+        initial=summary.images_skipped,
+    )
     try:
-        for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
-            for row in batch.to_pylist():
-                stats = stats_from_row(row)
-                o = int(stats.unit_id)
-                if seen[o]:
-                    continue
-                seen[o] = True
-                summary.add(stats, this_run=True)
-                stats_log.record(stats)
-            lease.check()
-            now = time.perf_counter()
-            if now - last_report >= cfg.progress_interval_s:
-                last_report = now
-                rate = summary.images_this_run / (now - started)
-                log(
-                    f"progress: {summary.units_committed + summary.units_skipped}/{summary.units_total} units, "
-                    f"{summary.images} images ({summary.errors} error), {summary.detections} detections, "
-                    f"{rate:.2f} images/s"
-                )
+        with progress:
+            progress.update(0, status=status())
+            for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
+                new = 0
+                for row in batch.to_pylist():
+                    stats = stats_from_row(row)
+                    o = int(stats.unit_id)
+                    if seen[o]:
+                        continue
+                    seen[o] = True
+                    summary.add(stats, this_run=True)
+                    stats_log.record(stats)
+                    new += stats.images
+                lease.check()
+                progress.update(new, status=status(), line=line)
     except Exception as e:
         summary.units_incomplete = _unfinished(seen)
         cause = root_cause(e)

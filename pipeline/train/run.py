@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+from collections.abc import Callable
 
 import fsspec
 
@@ -16,6 +17,7 @@ from model.train_loop import CHECKPOINT_FILE, ERROR_FILE, NOT_EVALUATED, train_p
 from pipeline.config import redacted
 from pipeline.errors import JobError, describe_storage_error
 from pipeline.train.config import TrainConfig
+from pipeline.train.events import EventPump, TrainDisplay
 
 
 @dataclasses.dataclass
@@ -109,16 +111,22 @@ def _check_inputs(cfg: TrainConfig) -> None:
             raise JobError(f"data.{key}.annotations: {describe_storage_error(url, e)}") from None
 
 
-def run_training(cfg: TrainConfig) -> TrainSummary:
+def run_training(
+    cfg: TrainConfig, *, log: Callable[[str], None] = print, live: bool = False, tables: bool = True
+) -> TrainSummary:
+    """Train (or resume) the run `cfg` describes; rank 0's lines are shown through `log` (as progress bars when
+    `live`; `tables`: with pycocotools' AP tables)."""
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
 
     _check_inputs(cfg)
+    pump = EventPump(TrainDisplay(log=log, live=live, tables=tables))
+    loop = {**loop_config(cfg), "events": pump.queue}
     storage_path, storage_fs, prefix = _storage(cfg)
     backend = cfg.backend if cfg.backend != "auto" else ("nccl" if cfg.scaling.use_gpu else "gloo")
     trainer = TorchTrainer(
         train_per_worker,
-        train_loop_config=loop_config(cfg),
+        train_loop_config=loop,
         torch_config=TorchConfig(backend=backend),
         scaling_config=ray.train.ScalingConfig(
             num_workers=cfg.scaling.num_workers,
@@ -142,7 +150,8 @@ def run_training(cfg: TrainConfig) -> TrainSummary:
     if error_fs.exists(error_path):
         error_fs.rm(error_path)  # a previous attempt's stop; this attempt starts clean
     try:
-        result = trainer.fit()
+        with pump:
+            result = trainer.fit()
     except Exception as e:
         raise JobError(f"training failed: {type(e).__name__}: {' '.join(str(e).split())[:400]}") from None
     error_fs.invalidate_cache()

@@ -21,6 +21,7 @@ from pipeline.results.query import masks, sql
 from pipeline.segment.config import segment_config
 from pipeline.segment.run import segment
 from tests.conftest import TINY_MODEL
+from tests.pipeline.results.test_optional_columns import write_minimal_results
 from tests.pipeline.results.test_query import build_results
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -158,3 +159,51 @@ def test_cli_on_s3_results(s3, tmp_path):
     assert r.returncode == 1 and r.stderr.strip().splitlines() == [
         f"error: s3://{bucket}/nothing: no results here (no images/ folder; is this a segment job's --output?)"
     ]
+
+
+def test_cli_on_results_from_another_tool(tmp_path):
+    """Results with only the required columns (no `instance`, no `num_detections`, no sizes): every command works."""
+    built = write_minimal_results(str(tmp_path / "minimal"))
+    out = built["out"]
+    r = query(out, "render", built["two"], "--output", str(tmp_path / "two.png"), "--min-score", "0")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.split()[1:3] == ["160x120", "2"]
+    r = query(out, "summary")
+    assert r.returncode == 0 and "images: 3 (2 ok, 1 error)   detections: 3" in r.stdout, r.stderr
+    r = query(out, "sql", "SELECT count(*) AS n FROM detections WHERE instance IS NULL", "--format", "csv")
+    assert r.returncode == 0 and r.stdout.splitlines() == ['"n"', "3"], r.stderr
+    r = query(out, "report", "--output", str(tmp_path / "report"))
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip().splitlines()[-1] == str(tmp_path / "report" / "index.html")
+    assert len(list((tmp_path / "report" / "images").glob("*.jpg"))) == 2
+
+
+@pytest.mark.parametrize(
+    "drop, command",
+    [
+        ("detections.score", ["summary"]),
+        ("detections.score", ["report", "--output", "REPORT"]),
+        ("detections.mask", ["render", "TWO", "--output", "OUT"]),
+        ("images.status", ["render", "--sample", "1", "--output", "OUT"]),
+    ],
+)
+def test_cli_missing_required_column_is_one_error_line(tmp_path, drop, command):
+    built = write_minimal_results(str(tmp_path / "r"), drop=(drop,))
+    args = [
+        {"TWO": built["two"], "OUT": str(tmp_path / "o.png"), "REPORT": str(tmp_path / "rep")}.get(a, a)
+        for a in command
+    ]
+    r = query(built["out"], *args)
+    assert r.returncode == 1 and "Traceback" not in r.stderr + r.stdout
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"error: {drop} is missing"), r.stderr
+
+
+def test_report_cli_arguments(tmp_path):
+    built = write_minimal_results(str(tmp_path / "r"))
+    r = query(built["out"], "report", "--output", "s3://bucket/report")
+    assert r.returncode == 2 and "report: --output is a local folder" in r.stderr
+    r = query(built["out"], "report", "--output", str(tmp_path / "rep"), "--sample", "-1")
+    assert r.returncode == 2 and "--sample N needs N >= 0" in r.stderr
+    r = query(built["out"], "report", "--output", str(tmp_path / "rep"), "--min-score", "nan")
+    assert r.returncode == 2 and "--min-score S needs 0 <= S <= 1" in r.stderr

@@ -90,15 +90,26 @@ def test_demo_trains_segments_evaluates_and_renders_offline(tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     lines = r.stdout.strip().splitlines()
     assert re.fullmatch(r"bbox_AP=\d\.\d{3} segm_AP=\d\.\d{3}", lines[-1]), lines[-5:]
-    assert "IoU metric: segm" in r.stdout and "best checkpoint URL: " in r.stdout
+    assert [line[:5] for line in lines if re.match(r"\[\d/5\] ", line)] == [f"[{i}/5]" for i in range(1, 6)]
+    assert re.search(r"^  mask AP \d\.\d{3}   AP50 ", r.stdout, re.M) and "best checkpoint URL: " in r.stdout
+    # One screen: the job's own lines, none of Ray's (they are in demo/logs/, named on the way).
+    assert len(lines) <= 40, r.stdout
+    assert not re.search(
+        r"core_worker|Token authentication|RayTrainWorker|PlacementGroupCleaner|\x1b\[", r.stdout + r.stderr
+    )
+    assert re.search(r"^Ray's own messages: \S*demo/logs/demo-\S+\.log ", r.stdout, re.M)
+    assert "run report (open it in a browser): demo/report/index.html" in r.stdout
+    page = (tmp_path / "demo" / "report" / "index.html").read_text()
+    assert "Segmentation run report" in page
     images = pads.dataset(str(tmp_path / "demo" / "results" / "images"), format="parquet").to_table()
     assert images.num_rows == 4 and set(images.column("status").to_pylist()) == {"ok"}
     assert set(images.column("model_id").to_pylist()) != {None} and images.column("model_id")[
         0
     ].as_py().startswith("checkpoint:")
+    # Pictures of the images whose best detection reaches 0.5 (one epoch on 12 images may reach none).
     pictures = sorted((tmp_path / "demo" / "renders").glob("*.png"))
-    assert 1 <= len(pictures) <= 4 and f"{len(pictures)} overlay pictures" in r.stdout
+    assert len(pictures) <= 4 and f"  {len(pictures)} overlay pictures" in r.stdout
     from PIL import Image
 
-    w, h = Image.open(pictures[0]).size
-    assert (h, w) in {(int(x["height"]), int(x["width"])) for x in images.to_pylist()}
+    sizes = {(int(x["height"]), int(x["width"])) for x in images.to_pylist()}
+    assert all(Image.open(p).size[::-1] in sizes for p in pictures)

@@ -72,11 +72,20 @@ def test_two_workers_from_s3_checkpoint_to_s3_then_segment(ray_local, s3, tmp_pa
 def test_same_name_resumes_and_epoch_counter_goes_on(ray_local, tmp_path):
     make_shapes(str(tmp_path / "shapes"), train=8, val=4, seed=6, size=(64, 96))
     base = tiny(str(tmp_path / "shapes"), str(tmp_path / "runs"), name="resume", epochs=1)
-    first = run_training(train_config(base))
+    lines: list[str] = []
+    first = run_training(train_config(base), log=lines.append)
     assert first.epochs_done == 1
+    # Rank 0's lines reach the driver once each, through the event queue (not Ray's log forwarding).
+    assert sum(line.startswith("epoch 0: bbox_AP=") for line in lines) == 1, lines
+    assert sum(line.startswith("epoch 0 iter 1/") for line in lines) == 1, lines
+    assert sum(line == "IoU metric: segm" for text in lines for line in text.splitlines()) == 1
     base["train"]["epochs"] = 2
-    second = run_training(train_config(base))
+    lines.clear()
+    second = run_training(train_config(base), log=lines.append, tables=False)
     assert second.epochs_done == 2 and second.metrics["epoch"] == 1
+    assert any(line.startswith("resuming from ") and line.endswith("at epoch 1") for line in lines), lines
+    assert not any("IoU metric" in text for text in lines)  # tables=False: the AP line only
+    assert sum(line.startswith("epoch 1: bbox_AP=") for line in lines) == 1
 
 
 def test_bad_train_config_names_key():
