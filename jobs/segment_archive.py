@@ -1,8 +1,8 @@
 """Segment an image archive with Mask R-CNN on Ray; results as Parquet.
 
     python jobs/segment_archive.py --input URL --output URL [--config FILE.yaml] [--set dotted.key=value ...]
-    python jobs/segment_archive.py --demo      # offline, from nothing to pictures on an embedded Ray (7-10 min, 2 CPUs):
-                                               # generate shapes, train, segment with the checkpoint, evaluate, render
+    python jobs/segment_archive.py --demo      # offline, from nothing to pictures on an embedded Ray (~6 min, 2 CPUs):
+                                               # generate shapes, train, segment with the checkpoint, evaluate, report
 
 On a cluster:  ray job submit --working-dir . -- python jobs/segment_archive.py --input s3://... --output s3://...
 Every config key is documented in configs/segment_archive.yaml. Exit status: 0 when the job completed (bad images
@@ -22,7 +22,9 @@ from pipeline.segment.config import segment_config
 
 DEMO_DIR = "demo"
 DEMO_TRAIN_IMAGES, DEMO_VAL_IMAGES = 600, 100
-DEMO_IMAGE_SIZE = (192, 256)  # largest height, width; images are drawn at 75-100% of it
+# The generated archive (make_shapes' arguments): the preset's data, images of up to 192x256, 1-6 shapes of four
+# classes. Larger, fewer shapes learned no faster per image (BENCHMARKS.md, "How the demo was chosen").
+DEMO_DATA = {"seed": 0, "size": [192, 256], "max_shapes": 6, "radius": [0.08, 0.28]}
 DEMO_TRAIN_CONFIG = os.path.join(_cli.ROOT, "configs", "train_cpu_small.yaml")
 # The embedded default: the generated archive's val split, segmented with the checkpoint the demo trains (its sizes
 # come from the checkpoint); a low score threshold because the results are scored with COCO AP.
@@ -32,7 +34,10 @@ DEMO_DEFAULTS = {
     "model": {"weights": "none", "score_threshold": 0.05},
     "progress_interval_s": 10,
 }
-# The CPU preset, shortened so the whole demo takes 7-10 minutes on 2 cores (the preset itself trains 14 epochs, ~22 min).
+# The CPU preset (14 epochs of SGD at 192 px, ~22 min, mask AP 0.65) compressed into the demo's ~6 minutes on
+# 2 cores: 3 epochs of AdamW, whose per-parameter steps learn ~3x the AP of SGD's in so few steps; 128 px and 64 RoIs
+# per image (the RoIAlign backward pass, single-threaded on CPU, was a quarter of a step at 128). Measured choices:
+# BENCHMARKS.md, "How the demo was chosen".
 DEMO_TRAIN_OVERRIDES = {
     "data": {
         "train": {
@@ -44,7 +49,16 @@ DEMO_TRAIN_OVERRIDES = {
             "images": f"{DEMO_DIR}/shapes/val",
         },
     },
-    "train": {"epochs": 4, "eval_every": 4},
+    "model": {"min_size": [128], "max_size": 214, "rois_per_image": 64},
+    "train": {
+        "epochs": 3,
+        "eval_every": 3,
+        "optimizer": "adamw",
+        "lr": 0.001,
+        "weight_decay": 0.05,
+        "warmup_iters": 50,
+        "lr_steps": [0.75, 0.92],
+    },
     "run": {"name": "demo", "storage_path": f"{DEMO_DIR}/runs"},
 }
 
@@ -125,9 +139,7 @@ def _demo(cfg, args) -> int:
         shapes=f"{DEMO_DIR}/shapes",
         renders=f"{DEMO_DIR}/renders",
         report=f"{DEMO_DIR}/report",
-        train_images=args.demo_images[0],
-        val_images=args.demo_images[1],
-        image_size=DEMO_IMAGE_SIZE,
+        data={**DEMO_DATA, "train": args.demo_images[0], "val": args.demo_images[1]},
         live=live_progress(),
     )
     return EXIT_OK

@@ -21,40 +21,30 @@ from pipeline.errors import JobError
 from pipeline.segment.config import SegmentConfig
 from pipeline.train.config import TrainConfig
 
+# How the archive was generated: a demo whose data settings changed regenerates it.
+PARAMS_FILE = "_params.json"
 
-def _has_split(shapes: str, split: str, n: int) -> bool:
-    path = os.path.join(shapes, "annotations", f"instances_{split}.json")
+
+def _same_archive(shapes: str, params: dict) -> bool:
     try:
-        with open(path, encoding="utf-8") as f:
-            return len(json.load(f)["images"]) == n
-    except (OSError, ValueError, KeyError):
+        with open(os.path.join(shapes, PARAMS_FILE), encoding="utf-8") as f:
+            return json.load(f) == params
+    except (OSError, ValueError):
         return False
 
 
-def ensure_shapes(
-    shapes: str, *, train: int, val: int, seed: int, size: tuple[int, int], log: Callable[[str], None]
-) -> None:
+def ensure_shapes(shapes: str, *, params: dict, log: Callable[[str], None]) -> None:
+    """Generate the archive `make_shapes(shapes, **params)` describes, unless it is already there."""
     from pipeline.demo.shapes import make_shapes
 
-    if _has_split(shapes, "train", train) and _has_split(shapes, "val", val) and _has_size(shapes, size):
-        log(f"[1/5] data: the shapes archive in {shapes}/ ({train} train, {val} val images)")
+    what = f"{shapes}/ ({params['train']} train, {params['val']} val images)"
+    if _same_archive(shapes, params):
+        log(f"[1/5] data: the shapes archive in {what}")
         return
-    log(
-        f"[1/5] data: generating a synthetic shapes archive in {shapes}/ ({train} train, {val} val images) ..."
-    )
-    make_shapes(shapes, train=train, val=val, seed=seed, size=size)
-
-
-def _has_size(shapes: str, size: tuple[int, int]) -> bool:
-    """Whether the archive was generated at `size` (images are drawn at 75-100% of it): a demo whose image size
-    changed regenerates instead of training on the old archive."""
-    path = os.path.join(shapes, "annotations", "instances_val.json")
-    try:
-        with open(path, encoding="utf-8") as f:
-            images = json.load(f)["images"]
-        return max(i["height"] for i in images) <= size[0] and max(i["width"] for i in images) <= size[1]
-    except (OSError, ValueError, KeyError):
-        return False
+    log(f"[1/5] data: generating a synthetic shapes archive in {what} ...")
+    make_shapes(shapes, **params)
+    with open(os.path.join(shapes, PARAMS_FILE), "w", encoding="utf-8") as f:
+        json.dump(params, f)  # written last: an interrupted generation is redone
 
 
 def run_demo(
@@ -64,15 +54,15 @@ def run_demo(
     shapes: str,
     renders: str,
     report: str,
-    train_images: int,
-    val_images: int,
-    image_size: tuple[int, int],
+    data: dict,
     samples: int = 4,
     min_score: float = 0.5,
     log: Callable[[str], None] = print,
     live: bool = False,
 ) -> dict:
     """Run every step; returns what a test or the caller may check (AP, counts, rendered files, timings).
+
+    `data`: `make_shapes`' keyword arguments (`train`, `val` image counts, `seed`, `size`, ...).
 
     Prints one screen: a header per step ("[2/5] training ..."), the steps' own short summaries, progress bars
     (`live`) or periodic lines, and last the AP line.
@@ -86,13 +76,13 @@ def run_demo(
 
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
-    ensure_shapes(shapes, train=train_images, val=val_images, seed=0, size=image_size, log=log)
+    ensure_shapes(shapes, params=data, log=log)
     timings["data_s"] = time.perf_counter() - t0
 
     t = time.perf_counter()
     m, o = train_cfg.model, train_cfg.train
     log(
-        f"\n[2/5] training: {m.backbone} Mask R-CNN from scratch on {train_images} images, {o.epochs} epoch{'' if o.epochs == 1 else 's'} "
+        f"\n[2/5] training: {m.backbone} Mask R-CNN from scratch on {data['train']} images, {o.epochs} epoch{'' if o.epochs == 1 else 's'} "
         f"at {max(m.min_size)} px (Ray Train, {train_cfg.scaling.num_workers} worker) ..."
     )
     # The AP tables would fill the screen; step 4 prints the AP that matters, of the job's own results.

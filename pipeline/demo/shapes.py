@@ -60,16 +60,22 @@ def _shape_polygon(kind: int, cx: float, cy: float, r: float, angle: float) -> l
 
 
 def render_scene(
-    rng: np.random.Generator, *, height: int, width: int
+    rng: np.random.Generator,
+    *,
+    height: int,
+    width: int,
+    max_shapes: int = 6,
+    radius: tuple[float, float] = (0.08, 0.28),
 ) -> tuple[np.ndarray, list[tuple[int, np.ndarray]]]:
-    """One image (uint8 `[H, W, 3]`) and its instances as (category id, visible bool mask `[H, W]`)."""
+    """One image (uint8 `[H, W, 3]`) and its instances as (category id, visible bool mask `[H, W]`): 1 to
+    `max_shapes` shapes of radius `radius` x the image's short side."""
     img = _background(rng, height, width)
     draw = ImageDraw.Draw(img)
     owner = np.full((height, width), -1, dtype=np.int32)  # which instance each pixel shows
     kinds = []
-    for idx in range(int(rng.integers(1, 7))):
+    for idx in range(int(rng.integers(1, max_shapes + 1))):
         kind = int(rng.integers(1, 5))
-        r = float(rng.uniform(0.08, 0.28) * min(height, width))
+        r = float(rng.uniform(*radius) * min(height, width))
         cx, cy = rng.uniform(r * 0.5, width - r * 0.5), rng.uniform(r * 0.5, height - r * 0.5)
         colour = tuple(int(c) for c in rng.integers(0, 256, size=3))
         layer = Image.new("L", (width, height), 0)
@@ -116,6 +122,8 @@ def write_split(
     *,
     seed: int,
     size: tuple[int, int] = (192, 256),
+    max_shapes: int = 6,
+    radius: tuple[float, float] = (0.08, 0.28),
     storage_options: dict | None = None,
 ) -> dict:
     """Write `n` images of `split` and its COCO JSON under `url`; returns the COCO dict."""
@@ -129,7 +137,7 @@ def write_split(
     for i in range(n):
         h = int(rng.integers(int(size[0] * 0.75), size[0] + 1))
         w = int(rng.integers(int(size[1] * 0.75), size[1] + 1))
-        image, instances = render_scene(rng, height=h, width=w)
+        image, instances = render_scene(rng, height=h, width=w, max_shapes=max_shapes, radius=radius)
         file_name = f"{i:06d}.jpg"
         buf = io.BytesIO()
         Image.fromarray(image).save(buf, format="JPEG", quality=92)
@@ -154,11 +162,22 @@ def make_shapes(
     val: int,
     seed: int = 0,
     size: tuple[int, int] = (192, 256),
+    max_shapes: int = 6,
+    radius: tuple[float, float] = (0.08, 0.28),
     storage_options: dict | None = None,
 ) -> dict[str, dict]:
     """Write both splits; returns {split: coco dict}."""
     out = {}
     for split, n in (("train", train), ("val", val)):
         if n > 0:
-            out[split] = write_split(url, split, n, seed=seed, size=size, storage_options=storage_options)
+            out[split] = write_split(
+                url,
+                split,
+                n,
+                seed=seed,
+                size=size,
+                max_shapes=max_shapes,
+                radius=radius,
+                storage_options=storage_options,
+            )
     return out

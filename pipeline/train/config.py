@@ -52,11 +52,17 @@ class TrainModelConfig:
 class OptimConfig:
     epochs: int = 26
     batch_size: int = 2  # images per worker
-    lr: float | None = None  # auto: 0.02 x total batch / 16 (the linear scaling rule)
+    lr: float | None = (
+        None  # auto: 0.02 x total batch / 16 (the linear scaling rule); adamw: 1e-4 x total batch / 16
+    )
+    optimizer: Literal["sgd", "adamw"] = "sgd"
     momentum: float = 0.9
     weight_decay: float = 0.0001
     warmup_iters: int = 1000
     warmup_factor: float = 0.001
+    lr_schedule: Literal["step", "cosine"] = (
+        "step"  # step: x lr_gamma at lr_steps; cosine: down to 0 at the end
+    )
     lr_steps: tuple[float, ...] = (0.667, 0.889)  # fractions of the total iterations where lr x= lr_gamma
     lr_gamma: float = 0.1
     amp: bool | None = None  # auto: on with GPUs
@@ -97,7 +103,10 @@ class TrainConfig:
 
     @property
     def lr(self) -> float:
-        return self.train.lr if self.train.lr is not None else 0.02 * self.total_batch / 16
+        if self.train.lr is not None:
+            return self.train.lr
+        base = 0.02 if self.train.optimizer == "sgd" else 1e-4
+        return base * self.total_batch / 16
 
     @property
     def eval_min_size(self) -> int:
