@@ -101,9 +101,10 @@ def test_killed_worker_restarts_from_latest_checkpoint(shapes, tmp_path):
     finally:
         job.kill()
     out = job.stdout
-    # Ray Train's controller restarted, and the new workers resumed.
-    assert "[FailurePolicy] RETRY" in job.stderr_path.read_text(), job.output()
-    assert f"resuming from {run_dir}/{first} at epoch 1" in out, job.output()
+    # Ray Train restarted the worker group, and the new rank 0's resume notice reached the driver once, through the
+    # event queue that outlived the killed workers (Ray's own retry messages stay in its logs by default).
+    assert out.count(f"resuming from {run_dir}/{first} at epoch 1") == 1, job.output()
+    assert "RayTrainWorker" not in out + job.stderr_path.read_text(), job.output()
     assert f"run: {run_dir}  epochs done: 2" in out, job.output()
     name, epoch = latest(run_dir)
     assert name != first and epoch == 1  # the last epoch, checkpointed by the restarted workers

@@ -28,10 +28,16 @@ def test_a_lease_is_renewed_and_a_run_that_lost_it_stops(s3):
         time.sleep(2.5)  # renewals every second
         assert fs.info(f"{bucket}/out/_lease.json", refresh=True)["ETag"] != first
         lease.check()
-        # Another run takes the lease over (as after A's renewals failed for a whole period).
-        etag = fs.info(f"{bucket}/out/_lease.json", refresh=True)["ETag"]
+        # Another run takes the lease over (as after A's renewals failed for a whole period). A's renewal may land
+        # between reading the ETag and the conditional write: then the write is refused, and B tries again.
         body = json.dumps({"run_id": "run-B", "host": "h", "pid": 2, "renewed_at": time.time()}).encode()
-        fs.call_s3("put_object", Bucket=bucket, Key="out/_lease.json", Body=body, IfMatch=etag)
+        for _ in range(10):
+            etag = fs.info(f"{bucket}/out/_lease.json", refresh=True)["ETag"]
+            try:
+                fs.call_s3("put_object", Bucket=bucket, Key="out/_lease.json", Body=body, IfMatch=etag)
+                break
+            except OSError:  # s3fs's PreconditionFailed
+                continue
         deadline = time.time() + 10
         while not lease.lost and time.time() < deadline:
             time.sleep(0.1)
