@@ -137,18 +137,21 @@ def setup_output(job: str, *, verbose: bool, log_dir: str | None = None) -> str 
     return path
 
 
-def _to_log_file(logger: logging.Logger, path: str) -> None:
+def _file_handler(path: str) -> logging.Handler:
     handler = logging.FileHandler(path, encoding="utf-8")
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    logger.handlers = [handler]
+    return handler
+
+
+def _to_log_file(logger: logging.Logger, path: str) -> None:
+    logger.handlers = [_file_handler(path)]
     logger.propagate = False
 
 
 def _ray_loggers_to_file(path: str) -> None:
     """Ray's console handlers (on `ray`, and on `ray.data`, which does not propagate) write to whatever sys.stderr
     is at the time, i.e. the terminal: swap them for the log file; Ray Data's own session log file stays."""
-    handler = logging.FileHandler(path, encoding="utf-8")
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    handler = _file_handler(path)
     names = ["ray", *sorted(n for n in logging.root.manager.loggerDict if n.startswith("ray."))]
     for name in names:
         logger = logging.getLogger(name)

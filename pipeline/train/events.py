@@ -106,7 +106,8 @@ class EventPump:
 
         while True:
             try:
-                events = self.queue.get_nowait_batch(self.queue.qsize()) if self.queue.qsize() else []
+                waiting = self.queue.qsize()  # one round trip to the queue's actor per poll, not two
+                events = self.queue.get_nowait_batch(waiting) if waiting else []
             except Empty:
                 events = []
             except Exception:  # noqa: BLE001  (the queue's actor is gone: nothing more will come)

@@ -45,6 +45,8 @@ def chromium(*args: str, profile: str) -> subprocess.CompletedProcess:
 @pytest.fixture(scope="module")
 def page(tmp_path_factory):
     if shutil.which("chromium") is None:
+        # A browser is an OS package, not a pip dependency: .ci/run installs it where apt and root are available
+        # (so it runs in CI here); elsewhere the rest of the report is still tested by test_report.py.
         pytest.skip("chromium not installed: apt-get install chromium")
     root = tmp_path_factory.mktemp("browser")
     built = build_report_results(str(root))
