@@ -21,11 +21,12 @@ model).
   `Detections` assembly, the unit writer's bookkeeping and the Arrow columns (decode runs on read threads, off the
   actor's path) — in ms per image
   at 100 detections; on `--device cpu` the device steps run on the CPU and are reported separately.
-- fp16 vs fp32: on the same images, detections matched by label and box IoU ≥ 0.5: mean/min box IoU, score
+- fp16 and bf16 vs fp32: on the same images, detections matched by label and box IoU ≥ 0.5: mean/min box IoU, score
   differences, mask IoU, and detections that have no match. Random weights make detections near-ties and masks
   near 0.5 everywhere, so this part takes a trained checkpoint (`--drift-weights`, e.g. the demo's) and its own
   images (`--drift-images`, e.g. `demo/shapes/val`); without them it runs on the random model, a worst case. On a
-  CPU (autocast with CPU fp16 kernels, ~10× slower than fp32 there): a proxy for what a GPU does.
+  CPU fp16 (autocast with CPU fp16 kernels, ~10× slower than fp32 there) is a proxy for what a GPU does; bf16 is
+  what `model.precision: bf16` runs, and its `time_vs_fp32` its speed there.
 - `--train` (GPU): training images/s with AMP at batch 8 on generated images and synthetic targets, with the data
   loader's own rate (4 workers, pinned memory) beside it.
 
@@ -281,9 +282,11 @@ def decode_rle(rle: dict) -> np.ndarray:
     return flat.reshape(w, h).T
 
 
-def precision_drift(datas: list[bytes], spec, device: str, min_size: int | None) -> dict[str, float]:
-    """fp16 vs fp32 detections on the same images (see the module docstring); `min_size` shrinks the model's resize
-    (CPU fp16 kernels are slow)."""
+def precision_drift(
+    datas: list[bytes], spec, device: str, min_size: int | None, other: str = "fp16"
+) -> dict[str, float]:
+    """`other` (fp16 or bf16) vs fp32 detections on the same images (see the module docstring); `min_size` shrinks
+    the model's resize (CPU fp16 kernels are slow)."""
     import dataclasses
 
     from model.decode import decode_image
@@ -296,7 +299,7 @@ def precision_drift(datas: list[bytes], spec, device: str, min_size: int | None)
         )
     images = [decode_image(d, max_pixels=10**9) for d in datas]
     runs, seconds = {}, {}
-    for precision in ("fp32", "fp16"):
+    for precision in ("fp32", other):
         seg = Segmenter(
             spec=small, score_threshold=0.05, max_detections=MAX_DETECTIONS, device=device, precision="fp32"
         )
@@ -306,7 +309,7 @@ def precision_drift(datas: list[bytes], spec, device: str, min_size: int | None)
         runs[precision] = seg.predict(images)
         seconds[precision] = time.perf_counter() - start
     ious, dscores, mious, unmatched, total = [], [], [], 0, 0
-    for a, b in zip(runs["fp32"], runs["fp16"]):
+    for a, b in zip(runs["fp32"], runs[other]):
         total += len(a)
         if not len(a) or not len(b):
             unmatched += len(a)
@@ -324,7 +327,7 @@ def precision_drift(datas: list[bytes], spec, device: str, min_size: int | None)
             ma, mb = decode_rle(a.rles[i]), decode_rle(b.rles[j])
             mious.append((ma & mb).sum() / max((ma | mb).sum(), 1))
     return {
-        "time_vs_fp32": seconds["fp16"] / seconds["fp32"],
+        "time_vs_fp32": seconds[other] / seconds["fp32"],
         "detections_fp32": total,
         "unmatched_share": unmatched / max(total, 1),
         "box_iou_mean": float(np.mean(ious)) if ious else float("nan"),
@@ -504,15 +507,17 @@ def main() -> None:
     else:
         drift_data = sets["640x480"][: (8 if cuda else 2)]
     drift_spec = resolve_spec(args.drift_weights) if args.drift_weights else spec
-    drift = precision_drift(drift_data, drift_spec, args.device, None if cuda else 320)
-    what = f"{drift_spec.model_id}, {len(drift_data)} images, score >= 0.05" + (
-        "" if cuda else ", CPU fp16 kernels"
-    )
-    print(
-        f"fp16 vs fp32 ({what}): "
-        + ", ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in drift.items())
-    )
-    figures.update({f"fp16_{k}": round(v, 4) if isinstance(v, float) else v for k, v in drift.items()})
+    # bf16 too: on a CPU with AVX-512 it is the job's fast option (model.precision: bf16), not a proxy.
+    for other in ("fp16", "bf16"):
+        drift = precision_drift(drift_data, drift_spec, args.device, None if cuda else 320, other=other)
+        what = f"{drift_spec.model_id}, {len(drift_data)} images, score >= 0.05" + (
+            ", CPU fp16 kernels" if other == "fp16" and not cuda else ""
+        )
+        print(
+            f"{other} vs fp32 ({what}): "
+            + ", ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in drift.items())
+        )
+        figures.update({f"{other}_{k}": round(v, 4) if isinstance(v, float) else v for k, v in drift.items()})
 
     if args.train:
         t = training(sets["640x480"], device, batch=8 if cuda else 2, steps=20 if cuda else 2, workers=4)

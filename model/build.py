@@ -45,6 +45,15 @@ BUILTIN_WEIGHTS = ("DEFAULT", "backbone", "none")
 # training affordable: at 256 channels the four 3x3 mask-head convs alone cost ~0.9 GFLOP per positive RoI.
 FPN_CHANNELS = 256
 BOX_HEAD_SIZE = 1024
+# torchvision's RPN proposals kept per image (top-k per FPN level before NMS, and after it): 2,000 while training,
+# 1,000 at inference. Images with a handful of objects need far fewer; fewer proposals cut the RPN's NMS and the box
+# head's work (BENCHMARKS.md, "How the demo was chosen"). They change no weights, so any count loads any checkpoint.
+RPN_PROPOSALS_TRAIN = 2000
+RPN_PROPOSALS_TEST = 1000
+# torchvision's anchor size per FPN level (P2..P6), 3 aspect ratios each: for objects of ~32 to ~512 pixels at the
+# model's input size. Smaller inputs or objects want smaller anchors; the count per level is unchanged, so any sizes
+# load any checkpoint's weights, but the sizes a model learned with are part of it (recorded in checkpoints).
+ANCHOR_SIZES = (32, 64, 128, 256, 512)
 # The seed that makes `weights="none"` reproducible across processes: every inference actor must hold the same model.
 RANDOM_INIT_SEED = 0
 
@@ -63,6 +72,9 @@ def build_maskrcnn(
     backbone: str = "resnet50",
     fpn_channels: int = FPN_CHANNELS,
     box_head_size: int = BOX_HEAD_SIZE,
+    rpn_proposals_train: int = RPN_PROPOSALS_TRAIN,
+    rpn_proposals_test: int = RPN_PROPOSALS_TEST,
+    anchor_sizes: tuple[int, ...] = ANCHOR_SIZES,
 ) -> nn.Module:
     """Build `maskrcnn_<backbone>_fpn` (default torchvision's `maskrcnn_resnet50_fpn`) with the given initialisation (`"DEFAULT"`, `"backbone"` or `"none"`).
 
@@ -72,6 +84,8 @@ def build_maskrcnn(
     (`DEFAULT`, `backbone`), as torchvision does; from scratch it trains. `fpn_channels` sets the width of the FPN,
     the RPN head and the mask head (torchvision: 256), `box_head_size` the box head's two-layer MLP (1024); other
     values change the architecture (recorded in checkpoints), so `DEFAULT` weights need the torchvision widths.
+    `rpn_proposals_train`/`_test` set the RPN's proposals per image (torchvision's pre- and post-NMS top-k);
+    `anchor_sizes` the RPN's anchor size on each of the five FPN levels (three aspect ratios each, as torchvision).
     Checkpoint URLs are handled by `load_model`, which reads the architecture stored in the checkpoint first.
     """
     from torchvision.models import ResNet50_Weights
@@ -93,7 +107,26 @@ def build_maskrcnn(
         box_detections_per_img=box_detections_per_img,
         box_batch_size_per_image=box_batch_size_per_image,
         box_positive_fraction=box_positive_fraction,
+        rpn_pre_nms_top_n_train=rpn_proposals_train,
+        rpn_post_nms_top_n_train=rpn_proposals_train,
+        rpn_pre_nms_top_n_test=rpn_proposals_test,
+        rpn_post_nms_top_n_test=rpn_proposals_test,
     )
+    if min(rpn_proposals_train, rpn_proposals_test) < 1:
+        raise ValueError(
+            f"need rpn_proposals_train and rpn_proposals_test >= 1, got {rpn_proposals_train}, {rpn_proposals_test}"
+        )
+    anchor_sizes = tuple(int(a) for a in anchor_sizes)
+    if len(anchor_sizes) != len(ANCHOR_SIZES) or min(anchor_sizes) < 1:
+        raise ValueError(
+            f"anchor_sizes: one positive size per FPN level ({len(ANCHOR_SIZES)}), got {anchor_sizes}"
+        )
+    if anchor_sizes != ANCHOR_SIZES:
+        from torchvision.models.detection.anchor_utils import AnchorGenerator
+
+        kwargs["rpn_anchor_generator"] = AnchorGenerator(
+            sizes=tuple((a,) for a in anchor_sizes), aspect_ratios=((0.5, 1.0, 2.0),) * len(anchor_sizes)
+        )
     if fpn_channels < 8 or box_head_size < 8:
         raise ValueError(
             f"need fpn_channels >= 8 and box_head_size >= 8, got {fpn_channels}, {box_head_size}"
@@ -219,6 +252,8 @@ class ModelSpec:
     architecture: str = "maskrcnn_resnet50_fpn"
     fpn_channels: int = FPN_CHANNELS
     box_head_size: int = BOX_HEAD_SIZE
+    rpn_proposals: int = RPN_PROPOSALS_TEST  # at inference
+    anchor_sizes: tuple[int, ...] = ANCHOR_SIZES
 
 
 def resolve_spec(
@@ -261,6 +296,8 @@ def resolve_spec(
         architecture=str(arch.get("name", "maskrcnn_resnet50_fpn")),
         fpn_channels=int(arch.get("fpn_channels", FPN_CHANNELS)),
         box_head_size=int(arch.get("box_head_size", BOX_HEAD_SIZE)),
+        rpn_proposals=int(arch.get("rpn_proposals_test", RPN_PROPOSALS_TEST)),
+        anchor_sizes=tuple(int(a) for a in arch.get("anchor_sizes", ANCHOR_SIZES)),
     )
 
 
@@ -280,6 +317,8 @@ def load_model(
         box_detections_per_img=box_detections_per_img,
         fpn_channels=spec.fpn_channels,
         box_head_size=spec.box_head_size,
+        rpn_proposals_test=spec.rpn_proposals,
+        anchor_sizes=spec.anchor_sizes,
     )
     if spec.weights in ("DEFAULT", "none"):
         return build_maskrcnn(num_classes=len(spec.class_names), weights=spec.weights, **common).eval()

@@ -23,7 +23,16 @@ import torch
 import torch.distributed as dist
 
 from model import checkpoint as ckpt
-from model.build import BOX_HEAD_SIZE, FPN_CHANNELS, architecture_name, build_maskrcnn, replace_heads
+from model.build import (
+    ANCHOR_SIZES,
+    BOX_HEAD_SIZE,
+    FPN_CHANNELS,
+    RPN_PROPOSALS_TEST,
+    RPN_PROPOSALS_TRAIN,
+    architecture_name,
+    build_maskrcnn,
+    replace_heads,
+)
 from model.coco_eval import evaluate, predictions_to_coco, summary_line
 from model.data import CocoInstances, GroupedBatchSampler, aspect_ratio_group_ids, collate
 
@@ -80,6 +89,9 @@ def build_for_training(config: dict, num_classes: int) -> torch.nn.Module:
         box_positive_fraction=config["positive_fraction"],
         fpn_channels=config.get("fpn_channels", FPN_CHANNELS),
         box_head_size=config.get("box_head_size", BOX_HEAD_SIZE),
+        rpn_proposals_train=config.get("rpn_proposals_train", RPN_PROPOSALS_TRAIN),
+        rpn_proposals_test=config.get("rpn_proposals_test", RPN_PROPOSALS_TEST),
+        anchor_sizes=tuple(config.get("anchor_sizes", ANCHOR_SIZES)),
     )
     if weights == "DEFAULT":  # COCO weights, new heads for this dataset's classes
         return replace_heads(
@@ -97,6 +109,26 @@ def build_for_training(config: dict, num_classes: int) -> torch.nn.Module:
     model = build_maskrcnn(num_classes=num_classes, weights="none", **common)
     model.load_state_dict(loaded.model_state)
     return model
+
+
+def autocast_dtype(amp: bool, device_type: str) -> torch.dtype | None:
+    """The dtype `train.amp` trains in, None for fp32: fp16 on GPUs; bfloat16 on CPUs with oneDNN's bfloat16
+    kernels (AVX-512 or AMX), where a step of the demo's model ran 1.35x the images/s of fp32 (BENCHMARKS.md,
+    "How the demo was chosen"); weights, optimizer state and the losses stay fp32 either way."""
+    if not amp:
+        return None
+    if device_type == "cuda":
+        return torch.float16
+    if device_type == "cpu" and cpu_has_bf16():
+        return torch.bfloat16
+    return None
+
+
+def cpu_has_bf16() -> bool:
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):  # a torch built without oneDNN
+        return False
 
 
 def train_per_worker(config: dict) -> None:
@@ -169,8 +201,13 @@ def train_per_worker(config: dict) -> None:
         )
 
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
-    amp = bool(config["amp"]) and device.type == "cuda"
-    scaler = torch.amp.GradScaler("cuda", enabled=amp)
+    amp_dtype = autocast_dtype(bool(config["amp"]), device.type)
+    # fp16's narrow exponent needs loss scaling; bfloat16 has fp32's range and trains without it.
+    scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype == torch.float16)
+    if config["amp"] and amp_dtype is None:
+        say.line(
+            f"train.amp: no mixed precision on this {device.type} (no bfloat16 kernels); training in fp32"
+        )
 
     start_epoch = 0
     resume = ray.train.get_checkpoint()  # [Ray Train] set on restarts and re-runs of the same run name
@@ -191,7 +228,9 @@ def train_per_worker(config: dict) -> None:
         for it, (images, targets) in enumerate(loader):
             images = [img.to(device, non_blocking=True) for img in images]
             targets = [{k: v.to(device, non_blocking=True) for k, v in t.items()} for t in targets]
-            with torch.autocast(device.type, enabled=amp):
+            with torch.autocast(
+                device.type, dtype=amp_dtype or torch.bfloat16, enabled=amp_dtype is not None
+            ):
                 losses = model(images, targets)
             loss = sum(losses.values())
             value = float(loss.detach())  # float() of a tensor that requires grad warns on every call
@@ -250,7 +289,9 @@ def train_per_worker(config: dict) -> None:
             say.line(f"epoch {epoch}: evaluating on {len(val_ds)} val images ...", transient=True)
             tables = io.StringIO()
             with contextlib.redirect_stdout(tables):
-                stats = evaluate_distributed(bare, val_ds, val_index, rank=rank, world=world, device=device)
+                stats = evaluate_distributed(
+                    bare, val_ds, val_index, rank=rank, world=world, device=device, amp_dtype=amp_dtype
+                )
             metrics.update(bbox_AP=stats["bbox"][0], segm_AP=stats["segm"][0])
             if rank == 0:
                 say.table(tables.getvalue().rstrip("\n"))
@@ -268,6 +309,8 @@ def train_per_worker(config: dict) -> None:
                         "max_size": config["max_size"],
                         "fpn_channels": config.get("fpn_channels", FPN_CHANNELS),
                         "box_head_size": config.get("box_head_size", BOX_HEAD_SIZE),
+                        "rpn_proposals_test": config.get("rpn_proposals_test", RPN_PROPOSALS_TEST),
+                        "anchor_sizes": list(config.get("anchor_sizes", ANCHOR_SIZES)),
                     },
                     class_names=list(index.class_names),
                     optimizer=optimizer.state_dict(),
@@ -323,18 +366,23 @@ class _Reporter:
 
 
 def evaluate_distributed(
-    model, val_ds, val_index, *, rank: int, world: int, device
+    model, val_ds, val_index, *, rank: int, world: int, device, amp_dtype: torch.dtype | None = None
 ) -> dict[str, list[float]]:
-    """Each worker predicts its share of the val images; rank 0 scores all of them with COCOeval."""
+    """Each worker predicts its share of the val images; rank 0 scores all of them with COCOeval.
+
+    `amp_dtype`: the training's mixed precision, so the AP is that of the model as it trains (and as the segment
+    job runs it at `model.precision` fp16/bf16); outputs are cast back to fp32 before scoring."""
     model.eval()
     preds: list[dict] = []
+    autocast = torch.autocast(device.type, dtype=amp_dtype or torch.bfloat16, enabled=amp_dtype is not None)
     with torch.inference_mode():
         for i in range(rank, len(val_ds), world):
             image, target = val_ds[i]
-            output = model([image.to(device)])[0]
+            with autocast:
+                output = model([image.to(device)])[0]
             preds += predictions_to_coco(
                 int(target["image_id"]),
-                {k: v.cpu() for k, v in output.items()},
+                {k: (v.float() if v.is_floating_point() else v).cpu() for k, v in output.items()},
                 label_to_cat=val_index.label_to_cat,
             )
     gathered: list = [None] * world

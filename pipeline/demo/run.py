@@ -83,7 +83,7 @@ def run_demo(
     m, o = train_cfg.model, train_cfg.train
     log(
         f"\n[2/5] training: {m.backbone} Mask R-CNN from scratch on {data['train']} images, {o.epochs} epoch{'' if o.epochs == 1 else 's'} "
-        f"at {max(m.min_size)} px (Ray Train, {train_cfg.scaling.num_workers} worker) ..."
+        f"at {max(m.min_size)} px{', mixed precision' if o.amp else ''} (Ray Train, {train_cfg.scaling.num_workers} worker) ..."
     )
     # The AP tables would fill the screen; step 4 prints the AP that matters, of the job's own results.
     trained = run_training(train_cfg, log=log, live=live, tables=False)

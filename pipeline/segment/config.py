@@ -49,8 +49,9 @@ class ModelConfig:
     max_detections: int = 100
     batch_size: int | None = None  # None ("auto"): 1 on CPU actors, 4 on GPUs (measured: BENCHMARKS.md)
     device: Literal["auto", "cpu", "cuda"] = "auto"
-    # auto: fp16 autocast on GPUs, fp32 on CPUs. fp16 on a CPU is refused (no fp16 arithmetic there to gain from).
-    precision: Literal["auto", "fp32", "fp16"] = "auto"
+    # auto: fp16 autocast on GPUs, fp32 on CPUs. fp16 on a CPU is refused (no fp16 arithmetic there to gain from);
+    # bf16: bfloat16 autocast, on GPUs or CPUs with AVX-512/AMX (1.34x fp32 on a 2-core EPYC, BENCHMARKS.md).
+    precision: Literal["auto", "fp32", "fp16", "bf16"] = "auto"
     storage: StorageConfig = dataclasses.field(default_factory=StorageConfig)
 
     def storage_options(self) -> dict[str, Any]:
@@ -103,7 +104,7 @@ _RANGES: dict[str, tuple[float, float]] = {
 
 FP16_ON_CPU = (
     "model.precision: fp16 runs on GPUs only (a CPU has no fp16 arithmetic to gain from: 10x slower than fp32 "
-    "there); use fp32 or auto"
+    "there); use fp32, bf16 or auto"
 )
 
 

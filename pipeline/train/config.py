@@ -46,6 +46,9 @@ class TrainModelConfig:
     positive_fraction: float = 0.25
     fpn_channels: int = 256  # FPN, RPN and mask-head width (torchvision's 256; DEFAULT weights need it)
     box_head_size: int = 1024  # box head MLP width (torchvision's 1024)
+    rpn_proposals_train: int = 2000  # RPN proposals per image while training (torchvision's 2000)
+    rpn_proposals_test: int = 1000  # ... at evaluation; recorded in checkpoints for the segment job (1000)
+    anchor_sizes: tuple[int, ...] = (32, 64, 128, 256, 512)  # RPN anchor per FPN level P2..P6 (torchvision's)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -65,7 +68,7 @@ class OptimConfig:
     )
     lr_steps: tuple[float, ...] = (0.667, 0.889)  # fractions of the total iterations where lr x= lr_gamma
     lr_gamma: float = 0.1
-    amp: bool | None = None  # auto: on with GPUs
+    amp: bool | None = None  # auto: on with GPUs (fp16); true on a CPU: bfloat16 where oneDNN has it
     log_interval: int = 20
     eval_every: int = 1  # epochs; the last epoch is always evaluated
     seed: int = 0
@@ -117,6 +120,8 @@ _RANGES = {
     "train.epochs": (1, 100_000),
     "model.fpn_channels": (8, 4096),
     "model.box_head_size": (8, 65_536),
+    "model.rpn_proposals_train": (1, 100_000),
+    "model.rpn_proposals_test": (1, 100_000),
     "model.rois_per_image": (1, 100_000),
     "train.batch_size": (1, 1024),
     "train.lr": (0.0, 10.0),
@@ -148,6 +153,10 @@ def train_config(data: dict | None) -> TrainConfig:
         raise ConfigError(
             "model.weights: DEFAULT (COCO weights) exists only for backbone resnet50 with fpn_channels 256 and "
             "box_head_size 1024; use 'backbone' or 'none' for other architectures"
+        )
+    if len(m.anchor_sizes) != 5 or min(m.anchor_sizes) < 1:
+        raise ConfigError(
+            f"model.anchor_sizes: five positive sizes in pixels, one per FPN level P2..P6, got {list(m.anchor_sizes)}"
         )
     if max(cfg.model.min_size) > cfg.model.max_size:
         raise ConfigError(f"model.max_size: must be >= every model.min_size, got {cfg.model.max_size}")

@@ -145,3 +145,55 @@ def test_narrow_heads_round_trip_through_checkpoint(tmp_path):
         load_model(resolve_spec(str(tmp_path / "old.pt")))
     with pytest.raises(ValueError, match="DEFAULT"):
         build_maskrcnn(weights="DEFAULT", fpn_channels=64)
+
+
+def test_rpn_proposals_and_anchor_sizes_travel_in_the_checkpoint(tmp_path):
+    """Fewer RPN proposals and other anchor sizes change no weights' shapes: they reach torchvision's RPN, and what
+    the training wrote into the checkpoint is what the segment job's rebuilt model uses (identical outputs)."""
+    anchors = (16, 32, 64, 128, 256)
+    model = build_maskrcnn(
+        num_classes=3,
+        weights="none",
+        min_size=96,
+        max_size=128,
+        rpn_proposals_train=300,
+        rpn_proposals_test=50,
+        anchor_sizes=anchors,
+    ).eval()
+    rpn = model.rpn
+    assert rpn._pre_nms_top_n == {"training": 300, "testing": 50} == rpn._post_nms_top_n
+    assert rpn.anchor_generator.sizes == tuple((a,) for a in anchors)
+    default = build_maskrcnn(num_classes=3, weights="none", min_size=96, max_size=128).rpn
+    assert default._post_nms_top_n == {"training": 2000, "testing": 1000}  # torchvision's
+    assert default.anchor_generator.sizes == ((32,), (64,), (128,), (256,), (512,))
+    path = tmp_path / "rpn.pt"
+    arch = {"name": "maskrcnn_resnet50_fpn", "num_classes": 3, "min_size": 96, "max_size": 128}
+    save_checkpoint(
+        str(path),
+        model_state=model.state_dict(),
+        arch={**arch, "rpn_proposals_test": 50, "anchor_sizes": list(anchors)},
+        class_names=CLASSES,
+    )
+    spec = resolve_spec(str(path))
+    assert (spec.rpn_proposals, spec.anchor_sizes) == (50, anchors)
+    rebuilt = load_model(spec, box_score_thresh=0.0)
+    model.roi_heads.score_thresh = 0.0
+    image = torch.rand(3, 96, 120)
+    with torch.inference_mode():
+        proposals, _ = rebuilt.rpn(*_rpn_inputs(rebuilt, image))
+        a, b = model([image])[0], rebuilt([image])[0]
+    assert len(proposals[0]) <= 50
+    assert torch.equal(a["boxes"], b["boxes"]) and torch.equal(a["masks"], b["masks"])
+    # An older checkpoint without them: torchvision's.
+    save_checkpoint(str(tmp_path / "old.pt"), model_state=model.state_dict(), arch=arch, class_names=CLASSES)
+    old = resolve_spec(str(tmp_path / "old.pt"))
+    assert (old.rpn_proposals, old.anchor_sizes) == (1000, (32, 64, 128, 256, 512))
+    with pytest.raises(ValueError, match="rpn_proposals"):
+        build_maskrcnn(weights="none", rpn_proposals_test=0)
+    with pytest.raises(ValueError, match="anchor_sizes"):
+        build_maskrcnn(weights="none", anchor_sizes=(16, 32))
+
+
+def _rpn_inputs(model, image):
+    images, _ = model.transform([image])
+    return images, model.backbone(images.tensors)

@@ -35,7 +35,7 @@ def test_defaults():
             "compute.max_actors: must be >= compute.min_actors",
         ),
         ({"model": {"precision": "fp16", "device": "cpu"}}, "model.precision: fp16 runs on GPUs only"),
-        ({"model": {"precision": "bf16"}}, "model.precision: expected one of 'auto', 'fp32', 'fp16'"),
+        ({"model": {"precision": "int8"}}, "model.precision: expected one of 'auto', 'fp32', 'fp16', 'bf16'"),
     ],
 )
 def test_bad_values_name_key_and_allowed(sections, message):

@@ -190,6 +190,27 @@ def test_fp16_is_refused_on_a_cpu():
         SegmentWorker(spec=spec, score_threshold=SCORE, output_url="unused", precision="fp16")
 
 
+def test_bf16_on_a_cpu_gives_fp32_outputs_close_to_fp32s(shapes_dir):
+    """`model.precision: bf16` on a CPU: bfloat16 autocast around the model, outputs cast back to fp32 so the
+    pasting and encoding code is the fp32 one; detections near fp32's (the score order may swap near ties)."""
+    from pipeline.segment.infer import Segmenter
+
+    spec = resolve_spec("none", min_size=TINY_MODEL["min_size"], max_size=TINY_MODEL["max_size"])
+    images = [
+        decode_image(f.read_bytes(), max_pixels=10**8) for f in sorted((shapes_dir / "val").glob("*.jpg"))[:2]
+    ]
+    fp32, bf16 = (
+        Segmenter(spec=spec, score_threshold=SCORE, precision=p, threads=2) for p in ("fp32", "bf16")
+    )
+    assert bf16.precision == "bf16"
+    raw = bf16.forward(images)
+    assert all(v.dtype == torch.float32 for out in raw for k, v in out.items() if k != "labels")
+    for a, b, img in zip(fp32.predict(images), bf16.predict(images), images):
+        assert len(a.scores) > 0 and abs(len(b.scores) - len(a.scores)) <= max(2, len(a.scores) // 5)
+        assert float(b.scores[0]) == pytest.approx(float(a.scores[0]), abs=0.02)
+        assert b.rles[0]["size"] == [img.shape[0], img.shape[1]] and b.scores.dtype == np.float32
+
+
 def test_an_image_that_breaks_the_batch_is_isolated(shapes_dir, tmp_path):
     """A forward pass that fails on a batch (e.g. out of memory because of one huge image) is retried image by
     image: the other images of the batch come out ok, the one that still fails gets an error row."""

@@ -6,6 +6,7 @@ import pyarrow.dataset as pads
 import pytest
 import s3fs
 
+from model.build import resolve_spec
 from pipeline.config import ConfigError
 from pipeline.demo.shapes import make_shapes
 from pipeline.segment.config import segment_config
@@ -44,16 +45,21 @@ def test_two_workers_from_s3_checkpoint_to_s3_then_segment(ray_local, s3, tmp_pa
         size=(64, 96),
         storage_options={"client_kwargs": {"endpoint_url": endpoint}},
     )
-    cfg = train_config(
-        tiny(f"s3://{bucket}/shapes", f"s3://{bucket}/runs", name="s3run", epochs=1, storage=storage)
-    )
-    summary = run_training(cfg)
+    data = tiny(f"s3://{bucket}/shapes", f"s3://{bucket}/runs", name="s3run", epochs=1, storage=storage)
+    # Mixed precision on CPU workers (bfloat16 where oneDNN has it), fewer RPN proposals and smaller anchors,
+    # which the checkpoint hands to the segment job.
+    data["model"].update(rpn_proposals_train=200, rpn_proposals_test=60, anchor_sizes=[16, 32, 64, 128, 256])
+    data["train"]["amp"] = True
+    summary = run_training(train_config(data))
     assert summary.epochs_done == 1
     assert 0.0 <= summary.metrics["segm_AP"] <= 1.0 and 0.0 <= summary.metrics["bbox_AP"] <= 1.0
     url = summary.best_checkpoint_url
     assert url.startswith(f"s3://{bucket}/runs/s3run/checkpoint_") and url.endswith("/model.pt")
     s3fs.S3FileSystem.clear_instance_cache()
     assert s3fs.S3FileSystem(client_kwargs={"endpoint_url": endpoint}).exists(url)
+    options = {"client_kwargs": {"endpoint_url": endpoint}}
+    spec = resolve_spec(url, storage_options=options)
+    assert (spec.rpn_proposals, spec.anchor_sizes) == (60, (16, 32, 64, 128, 256))
 
     # The segment job runs the checkpoint with no other flag: sizes and class names come from it.
     seg = segment_config(
