@@ -1,7 +1,7 @@
 """Segment an image archive with Mask R-CNN on Ray; results as Parquet.
 
     python jobs/segment_archive.py --input URL --output URL [--config FILE.yaml] [--set dotted.key=value ...]
-    python jobs/segment_archive.py --demo      # offline, from nothing to pictures on an embedded Ray (~6 min, 2 CPUs):
+    python jobs/segment_archive.py --demo      # offline, from nothing to pictures on an embedded Ray (~5 min, 2 CPUs):
                                                # generate shapes, train, segment with the checkpoint, evaluate, report
 
 On a cluster:  ray job submit --working-dir . -- python jobs/segment_archive.py --input s3://... --output s3://...
