@@ -74,7 +74,7 @@ DEMO_TRAIN_OVERRIDES = {
 
 def demo_defaults() -> dict:
     """DEMO_DEFAULTS, segmenting in bfloat16 where this CPU has oneDNN's kernels for it (as the demo trains)."""
-    from model.train_loop import cpu_has_bf16
+    from model.precision import cpu_has_bf16
 
     defaults = _cli._deep_copy(DEMO_DEFAULTS)
     defaults["model"]["precision"] = "bf16" if cpu_has_bf16() else "fp32"

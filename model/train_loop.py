@@ -35,6 +35,7 @@ from model.build import (
 )
 from model.coco_eval import evaluate, predictions_to_coco, summary_line
 from model.data import CocoInstances, GroupedBatchSampler, aspect_ratio_group_ids, collate
+from model.precision import autocast, cpu_has_bf16
 
 CHECKPOINT_FILE = "model.pt"
 ERROR_FILE = "_error.txt"  # written by rank 0 when training stops on a non-finite loss
@@ -122,13 +123,6 @@ def autocast_dtype(amp: bool, device_type: str) -> torch.dtype | None:
     if device_type == "cpu" and cpu_has_bf16():
         return torch.bfloat16
     return None
-
-
-def cpu_has_bf16() -> bool:
-    try:
-        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    except (AttributeError, RuntimeError):  # a torch built without oneDNN
-        return False
 
 
 def train_per_worker(config: dict) -> None:
@@ -228,9 +222,7 @@ def train_per_worker(config: dict) -> None:
         for it, (images, targets) in enumerate(loader):
             images = [img.to(device, non_blocking=True) for img in images]
             targets = [{k: v.to(device, non_blocking=True) for k, v in t.items()} for t in targets]
-            with torch.autocast(
-                device.type, dtype=amp_dtype or torch.bfloat16, enabled=amp_dtype is not None
-            ):
+            with autocast(device.type, amp_dtype):
                 losses = model(images, targets)
             loss = sum(losses.values())
             value = float(loss.detach())  # float() of a tensor that requires grad warns on every call
@@ -374,11 +366,10 @@ def evaluate_distributed(
     job runs it at `model.precision` fp16/bf16); outputs are cast back to fp32 before scoring."""
     model.eval()
     preds: list[dict] = []
-    autocast = torch.autocast(device.type, dtype=amp_dtype or torch.bfloat16, enabled=amp_dtype is not None)
     with torch.inference_mode():
         for i in range(rank, len(val_ds), world):
             image, target = val_ds[i]
-            with autocast:
+            with autocast(device.type, amp_dtype):
                 output = model([image.to(device)])[0]
             preds += predictions_to_coco(
                 int(target["image_id"]),

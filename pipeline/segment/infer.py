@@ -12,7 +12,6 @@ box, exactly as torchvision pastes it (`detections_from_mask_probs`).
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Sequence
 
 import numpy as np
@@ -25,6 +24,7 @@ from model.postprocess import (
     detections_from_mask_probs,
     forward_to_mask_probs,
 )
+from model.precision import autocast
 
 PRECISIONS = ("auto", "fp32", "fp16", "bf16")
 MASK_ROUTES = ("auto", "batched", "in_box")
@@ -127,10 +127,7 @@ class Segmenter:
         return [r for image in images for r in self.predict_each([image])]
 
     def _autocast(self):
-        if self.precision in ("fp16", "bf16"):
-            dtype = torch.float16 if self.precision == "fp16" else torch.bfloat16
-            return torch.autocast(self.device.type, dtype=dtype)
-        return contextlib.nullcontext()
+        return autocast(self.device.type, {"fp16": torch.float16, "bf16": torch.bfloat16}.get(self.precision))
 
 
 def image_size(image: np.ndarray | torch.Tensor) -> tuple[int, int]:
