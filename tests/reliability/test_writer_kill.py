@@ -13,6 +13,7 @@ from __future__ import annotations
 import shutil
 import signal
 import threading
+import time
 
 import psutil
 import s3fs
@@ -63,7 +64,14 @@ def test_actor_killed_mid_write_its_unit_is_written_again_in_the_same_run(
         def kill_writer_mid_write() -> None:
             if not proxy.stalled.wait(timeout=240):
                 return
-            seen.append(state_of_unit_1(fs, bucket))
+            # The unit's two data files go up concurrently: the images file, not held, may still be in flight
+            # when the detections file stalls. Kill once it has landed (the stall holds for 60 s).
+            deadline = time.monotonic() + 20
+            state = state_of_unit_1(fs, bucket)
+            while not state[0] and time.monotonic() < deadline:
+                time.sleep(0.2)
+                state = state_of_unit_1(fs, bucket)
+            seen.append(state)
             for p in psutil.process_iter(["cmdline"]):
                 if "MapBatches(SegmentWorker)" in " ".join(p.info.get("cmdline") or []):
                     p.send_signal(signal.SIGKILL)
