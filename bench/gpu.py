@@ -36,7 +36,6 @@ The last line is `host_ms_per_image=<x> device=<cpu|cuda>` followed by the other
 from __future__ import annotations
 
 import argparse
-import io
 import os
 import statistics
 import sys
@@ -49,76 +48,35 @@ sys.path.insert(0, ROOT)
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
+from bench._common import encode_jpeg, mask_rles, per_image_loop, photo_like, random_model, sync  # noqa: E402
+
 MAX_DETECTIONS = 100
 
 
 def make_jpegs(n: int, *, mixed: bool, seed: int = 0) -> list[bytes]:
-    from PIL import Image, ImageDraw
-
+    """`n` JPEGs, 640×480 or (`mixed`) 480–800 × 360–640, textured, with 3–8 large ellipses each."""
     rng = np.random.default_rng(seed)
     out = []
     for _ in range(n):
         w, h = (int(rng.integers(480, 801)), int(rng.integers(360, 641))) if mixed else (640, 480)
-        arr = np.clip(rng.integers(60, 200, 3) + rng.normal(0, 30, (h, w, 3)), 0, 255).astype(np.uint8)
-        img = Image.fromarray(arr)
-        draw = ImageDraw.Draw(img)
-        for _ in range(int(rng.integers(3, 9))):
-            x0, y0 = int(rng.integers(0, w - 40)), int(rng.integers(0, h - 40))
-            box = (x0, y0, x0 + int(rng.integers(20, 250)), y0 + int(rng.integers(20, 250)))
-            draw.ellipse(box, fill=tuple(int(v) for v in rng.integers(0, 256, 3)))
-        buf = io.BytesIO()
-        img.save(buf, format="JPEG", quality=90)
-        out.append(buf.getvalue())
+        image = photo_like(rng, h, w, base=(60, 200), noise=30, shapes=(3, 9), margin=40, extent=(20, 250))
+        out.append(encode_jpeg(image))
     return out
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
-
-def rle_of(masks: np.ndarray) -> list[str]:
-    """Full-image binary masks `[N, H, W]` → COCO strings: pycocotools when installed, else `model.rle`."""
-    try:
-        from pycocotools import mask as mask_utils
-
-        return [r["counts"].decode() for r in mask_utils.encode(np.asfortranarray(masks.transpose(1, 2, 0)))]
-    except ImportError:
-        from model.rle import encode_counts, runs_from_changes
-
-        flat = masks.transpose(0, 2, 1).reshape(len(masks), -1).astype(np.int8)
-        framed = np.concatenate([np.zeros((len(masks), 1), np.int8), flat], axis=1)
-        rows, cols = np.nonzero(framed[:, 1:] != framed[:, :-1])
-        lengths = np.bincount(rows, minlength=len(masks))
-        return encode_counts(runs_from_changes(cols, lengths, flat.shape[1]), lengths + 1)
 
 
 # --- the two scripts ------------------------------------------------------------------------------------------------
 
 
 def naive(datas: list[bytes], model, device: torch.device) -> float:
-    from PIL import Image
-    from torchvision.transforms.functional import to_tensor
-
-    def one(data: bytes) -> None:
-        image = to_tensor(Image.open(io.BytesIO(data)).convert("RGB")).to(device)
-        with torch.inference_mode():
-            out = model([image])[0]
-        rle_of((out["masks"][:, 0] >= 0.5).cpu().numpy().astype(np.uint8))
-
-    one(datas[0])  # warm-up
-    sync(device)
-    start = time.perf_counter()
-    for data in datas:
-        one(data)
-    return len(datas) / (time.perf_counter() - start)
+    """images/s of the naive script: PIL, `model([image])`, every mask RLE-encoded (warm-up on one image first)."""
+    return per_image_loop(model, datas, finish=lambda _, out: mask_rles(out), device=device, warm_finish=True)
 
 
 def actor_path(datas: list[bytes], seg, batch: int) -> float:
     """images/s of the actor's compute path, laid out as `SegmentWorker` runs it (decode threads → forward on this
     thread → masks, strings and Arrow on one post thread)."""
     from model.decode import decode_image
-    from pipeline.segment.write import detections_table
+    from pipeline.segment.writer import detections_table
 
     names = np.array(list(seg.spec.class_names), dtype=object)
     pin = seg.device.type == "cuda"
@@ -167,7 +125,8 @@ def profile(datas: list[bytes], seg, batch: int, reps: int = 21) -> dict[str, fl
     from model.decode import decode_image
     from model.postprocess import Detections, forward_to_mask_probs, mask_changes, rle_strings, xyxy_to_xywh
     from pipeline.segment.infer import to_tensor
-    from pipeline.segment.write import Output, UnitWriter, detections_table
+    from pipeline.segment.storage import Output
+    from pipeline.segment.writer import UnitWriter, detections_table
 
     device = seg.device
     out = Output(
@@ -228,7 +187,7 @@ def profile(datas: list[bytes], seg, batch: int, reps: int = 21) -> dict[str, fl
                 at += n
             writer = UnitWriter(out, "0", model_id="m", run_id="r", class_names=list(names))
             for k, ((h, w), d) in enumerate(zip(sizes, dets)):
-                writer.add(k, "u", nbytes=1, height=h, width=w, decode_ms=1.0, infer_ms=1.0, detections=d)
+                writer.add(k, "u", bytes=1, height=h, width=w, decode_ms=1.0, infer_ms=1.0, detections=d)
             detections_table([("u", h, w, d) for (h, w), d in zip(sizes, dets)], names, "m", "r")
             strings_s.append(r1 - r0)
             arrow_s.append(time.perf_counter() - r1)
@@ -448,7 +407,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
 
-    from model.build import load_model, resolve_spec
+    from model.build import resolve_spec
     from pipeline.segment.infer import Segmenter
 
     spec = resolve_spec("none")  # torchvision's sizes: 800 / 1333
@@ -460,7 +419,7 @@ def main() -> None:
     )
     figures: dict[str, object] = {}
 
-    model = load_model(spec, box_score_thresh=0.0, box_detections_per_img=MAX_DETECTIONS).to(device)
+    model = random_model(score=0.0, threads=args.threads, detections=MAX_DETECTIONS).to(device)
     naive_rate = naive(sets["640x480"], model, device)
     del model
     print(f"naive script, 640x480: {naive_rate:.2f} images/s")

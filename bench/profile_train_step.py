@@ -24,6 +24,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import torch  # noqa: E402
 from torch.profiler import ProfilerActivity, profile  # noqa: E402
 
+from bench._common import train_step  # noqa: E402
 from model.data import CocoInstances, collate  # noqa: E402
 from model.train_loop import build_for_training  # noqa: E402
 
@@ -120,11 +121,7 @@ def make_step(model, *, amp: bool):
 
     def step(batch) -> None:
         images, targets = batch
-        with autocast:
-            loss = sum(model(images, targets).values())
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
+        train_step(model, opt, images, targets, autocast=autocast)
 
     return step
 

@@ -3,11 +3,11 @@
     python bench/query.py [--rows 1000000] [--per-image 15] [--unit-size 64] [--repeats 3] [--layouts]
 
 Generates a results folder the way the segment job writes one: `images/` and `detections/` with one Parquet file per
-work unit of `--unit-size` images (as `pipeline.segment.write.UnitWriter` encodes them: zstd, row groups of up to
+work unit of `--unit-size` images (as `pipeline.segment.writer.UnitWriter` encodes them: zstd, row groups of up to
 `ROW_GROUP_ROWS` rows), rows in image order and score-descending within an image. Detections follow `pipeline.segment.schema.DETECTIONS_SCHEMA`: 20 COCO
 labels, scores uniform in [0.5, 1) (the job's default threshold is 0.5), boxes and areas, and short real COCO RLE
 strings of 640x480 masks (drawn from a pool, so `mask` compresses better than real data; no query here reads it).
-Each query runs through `pipeline.results.query.sql` (what `jobs/query.py sql` does: bind the two tables, then query);
+Each query runs through `pipeline.results.sql.sql` (what `jobs/query.py sql` does: bind the two tables, then query);
 the time is the median of `--repeats` runs after one untimed run.
 
 `--layouts` also writes the same rows in other layouts (fewer, larger files; sorted by label or score; row-group
@@ -129,7 +129,7 @@ def write_results(root: str, *, rows: int, per_image: float, unit_size: int, see
     import pyarrow.parquet as pq
 
     from pipeline.segment.schema import DETECTIONS_DIR, IMAGES_DIR
-    from pipeline.segment.write import ROW_GROUP_ROWS
+    from pipeline.segment.writer import ROW_GROUP_ROWS
 
     rng = np.random.default_rng(seed)
     pool = rle_pool(500, seed)
@@ -155,9 +155,9 @@ def write_results(root: str, *, rows: int, per_image: float, unit_size: int, see
 
 
 def time_queries(root: str, probe: str, repeats: int) -> dict[str, list[float]]:
-    """Seconds per run of each query through `pipeline.results.query.sql`, after one untimed run."""
+    """Seconds per run of each query through `pipeline.results.sql.sql`, after one untimed run."""
     from pipeline.results.open import open_results
-    from pipeline.results.query import sql
+    from pipeline.results.sql import sql
 
     results = open_results(root)
     times: dict[str, list[float]] = {}
@@ -174,7 +174,7 @@ def time_queries(root: str, probe: str, repeats: int) -> dict[str, list[float]]:
 
 
 def check_answers(root: str, rows: int) -> None:
-    from pipeline.results.query import sql
+    from pipeline.results.sql import sql
 
     per_label = sql(root, QUERIES["per_label_counts"])
     assert per_label.num_rows == NUM_LABELS and sum(per_label.column("n").to_pylist()) == rows, per_label

@@ -22,7 +22,7 @@ with the real model at a tiny size (`model.min_size` 64), where the pipeline's o
   again on the finished output through a request-counting proxy: requests and seconds until it reports nothing
   left to do.
 - query: `--query-rows` detection rows written in the layout the job leaves at its defaults (2,048 images per file,
-  ~12 detections per image; `bench/query.py`'s generator), per-label counts through `pipeline.results.query.sql`
+  ~12 detections per image; `bench/query.py`'s generator), per-label counts through `pipeline.results.sql.sql`
   (what `jobs/query.py ... sql` runs; median of 3 after one untimed run) and `jobs/query.py` itself, wall time.
 
 moto's server runs in a process of its own, so its CPU is not this process's. `--quick` runs each part smaller (in
@@ -32,21 +32,20 @@ under 10 minutes). The last line holds every figure as `name=value`.
 from __future__ import annotations
 
 import argparse
-import contextlib
-import json
 import os
 import re
 import shutil
-import socket
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+
+from bench._common import local_ray, mask_rles, per_image_loop, photo_like, random_model, save_jpegs  # noqa: E402
+from tests.support.s3 import moto_in_process, s3_filesystem  # noqa: E402
 
 THREADS = 2
 MIN_SIZE, MAX_SIZE = 64, 128
@@ -60,115 +59,38 @@ os.environ.setdefault("AWS_DEFAULT_REGION", "us-east-1")
 # --- storage helpers -------------------------------------------------------------------------------------------------
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-# moto's server in a process of its own, populated in memory before it serves: uploading 10^5 objects through HTTP
-# would take minutes of this benchmark (moto answers a few hundred PUTs a second here).
-_MOTO = """
-import json, sys, threading
-from moto.core import DEFAULT_ACCOUNT_ID
-from moto.s3.models import s3_backends
-from moto.server import ThreadedMotoServer
-
-port, spec = int(sys.argv[1]), json.loads(sys.stdin.readline())
-backend = s3_backends[DEFAULT_ACCOUNT_ID]["global"]
-for bucket, keys in spec.items():
-    backend.create_bucket(bucket, "us-east-1")
-    for key in keys:
-        backend.put_object(bucket, key, b"not a jpeg")
-server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-server.start()
-print("READY", flush=True)
-sys.stdin.read()  # until the benchmark closes it
-server.stop()
-"""
-
-
-@contextlib.contextmanager
-def moto_server(objects: dict[str, list[str]] | None = None) -> Iterator[str]:
-    """moto's S3 server in a process of its own, holding `objects` ({bucket: [key, ...]}, 10 bytes each, non-image
-    bytes); yields its endpoint."""
-    port = free_port()
-    proc = subprocess.Popen(
-        [sys.executable, "-c", _MOTO, str(port)],
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.DEVNULL,
-        text=True,
-    )
-    try:
-        proc.stdin.write(json.dumps(objects or {}) + "\n")
-        proc.stdin.flush()
-        if proc.stdout.readline().strip() != "READY":
-            raise SystemExit("the moto server did not start")
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        proc.stdin.close()
-        proc.wait(timeout=30)
-
-
 def s3(endpoint: str):
-    import s3fs
-
-    return s3fs.S3FileSystem(
-        client_kwargs={"endpoint_url": endpoint}, skip_instance_cache=True, use_listings_cache=False
-    )
+    """A fresh s3fs filesystem on `endpoint` (no instance cache, no listings cache: every call asks the server)."""
+    return s3_filesystem(endpoint, skip_instance_cache=True, use_listings_cache=False)
 
 
 # --- 1. pipeline vs bare loop ------------------------------------------------------------------------------------------
 
 
 def make_jpegs(folder: str, n: int, seed: int = 0) -> list[str]:
+    """`n` JPEGs of 96–144 px a side: a few shapes on a noisy flat colour, as photos hold objects."""
     import numpy as np
-    from PIL import Image, ImageDraw
 
     rng = np.random.default_rng(seed)
-    os.makedirs(folder, exist_ok=True)
-    files = []
-    for i in range(n):
-        h, w = (int(v) for v in rng.integers(96, 145, 2))
-        base = rng.integers(0, 256, 3)
-        arr = np.clip(base + rng.normal(0, 25, (h, w, 3)), 0, 255).astype(np.uint8)
-        img = Image.fromarray(arr)
-        draw = ImageDraw.Draw(img)
-        for _ in range(int(rng.integers(1, 5))):  # a few shapes, as photos hold objects
-            x0, y0 = int(rng.integers(0, w - 20)), int(rng.integers(0, h - 20))
-            box = (x0, y0, x0 + int(rng.integers(10, 60)), y0 + int(rng.integers(10, 60)))
-            draw.ellipse(box, fill=tuple(int(v) for v in rng.integers(0, 256, 3)))
-        path = os.path.join(folder, f"img-{i:06d}.jpg")
-        img.save(path, quality=90)
-        files.append(path)
-    return files
+
+    def images():
+        for _ in range(n):
+            h, w = (int(v) for v in rng.integers(96, 145, 2))
+            yield photo_like(rng, h, w)
+
+    return save_jpegs(folder, images())
 
 
 def bare_loop(files: list[str]) -> tuple[float, int]:
     """images/s and detections of the plain loop a user would write (model built before the clock starts)."""
-    import numpy as np
-    import torch
-    from PIL import Image
-    from pycocotools import mask as mask_utils
-    from torchvision.transforms.functional import to_tensor
-
-    from model.build import load_model, resolve_spec
-
-    torch.set_num_threads(THREADS)
-    model = load_model(resolve_spec("none", min_size=MIN_SIZE, max_size=MAX_SIZE), box_score_thresh=SCORE)
+    model = random_model(min_size=MIN_SIZE, max_size=MAX_SIZE, score=SCORE, threads=THREADS)
     detections = 0
-    with torch.inference_mode():
-        model([to_tensor(Image.open(files[0]).convert("RGB"))])  # warm-up
-        start = time.perf_counter()
-        for f in files:
-            out = model([to_tensor(Image.open(f).convert("RGB"))])[0]
-            masks = (out["masks"][:, 0] >= 0.5).numpy().astype(np.uint8)
-            if len(masks):
-                mask_utils.encode(np.asfortranarray(masks.transpose(1, 2, 0)))
-            detections += len(masks)
-        elapsed = time.perf_counter() - start
-    return len(files) / elapsed, detections
+
+    def count(_, output: dict) -> None:
+        nonlocal detections
+        detections += len(mask_rles(output))
+
+    return per_image_loop(model, files, finish=count), detections
 
 
 class DriverWrites:
@@ -189,7 +111,6 @@ class DriverWrites:
 
 def pipeline_run(folder: str, out: str, writes: DriverWrites) -> dict:
     import pyarrow.parquet as pq
-    import ray
 
     from pipeline.segment.config import segment_config
     from pipeline.segment.run import segment
@@ -210,12 +131,10 @@ def pipeline_run(folder: str, out: str, writes: DriverWrites) -> dict:
         }
     )
     start = time.perf_counter()
-    ray.init(num_cpus=THREADS, include_dashboard=False, logging_level="ERROR")
-    ray.data.DataContext.get_current().enable_progress_bars = False
-    ray_s = time.perf_counter() - start
-    summary = segment(cfg, log=lambda line: stamps.append((time.perf_counter() - start, line)))
-    wall = time.perf_counter() - start
-    ray.shutdown()
+    with local_ray(THREADS):
+        ray_s = time.perf_counter() - start
+        summary = segment(cfg, log=lambda line: stamps.append((time.perf_counter() - start, line)))
+        wall = time.perf_counter() - start
     images = pq.read_table(os.path.join(out, "images"))
     infer_s = sum(v or 0 for v in images.column("infer_ms").to_pylist()) / 1e3
     decode_s = sum(v or 0 for v in images.column("decode_ms").to_pylist()) / 1e3
@@ -300,7 +219,8 @@ def write_units(endpoint: str, prefix: str, *, units: int, unit_size: int, write
     from concurrent.futures import ThreadPoolExecutor
 
     from model.labels import COCO_CATEGORIES
-    from pipeline.segment.write import Output, UnitWriter
+    from pipeline.segment.storage import Output
+    from pipeline.segment.writer import UnitWriter
 
     out = Output(f"s3://{prefix}", storage_options={"client_kwargs": {"endpoint_url": endpoint}})
 
@@ -311,7 +231,7 @@ def write_units(endpoint: str, prefix: str, *, units: int, unit_size: int, write
             w.add(
                 i,
                 f"s3://archive/{u:08d}/{i:05d}.jpg",
-                nbytes=150_000,
+                bytes=150_000,
                 height=480,
                 width=640,
                 decode_ms=2.0,
@@ -327,12 +247,12 @@ def write_units(endpoint: str, prefix: str, *, units: int, unit_size: int, write
 
 
 def part_write(args, work: str) -> dict:
-    from tests.s3proxy import FaultyS3
+    from tests.support.s3proxy import FaultyS3
 
     units = 3 if args.quick else 8
     pool = detections_pool()
     print(f"\n== write path: UnitWriter → moto S3 behind a proxy adding {args.latency_ms} ms per request")
-    with moto_server() as endpoint, FaultyS3(endpoint, [], latency_s=args.latency_ms / 1e3) as proxy:
+    with moto_in_process() as endpoint, FaultyS3(endpoint, [], latency_s=args.latency_ms / 1e3) as proxy:
         fs = s3(endpoint)
         fs.mkdir("write")
         one = write_units(proxy.endpoint, "write/one", units=units, unit_size=2048, writers=1, pool=pool)
@@ -376,18 +296,18 @@ def run_job(job_args: list[str], env: dict, log: str) -> tuple[float, int, str, 
 
 
 def part_scale(args, work: str) -> dict:
-    import ray
-
     from pipeline.segment import plan as plan_mod
-    from tests.s3inventory import write_inventory
-    from tests.s3proxy import FaultyS3
+    from pipeline.segment import sources
+    from pipeline.segment.sources._listing import LIST_THREADS
+    from tests.support.s3inventory import write_inventory
+    from tests.support.s3proxy import FaultyS3
 
     n = args.inputs
     per = n // PREFIXES
     keys = [f"photos/p{k:03d}/img-{i:07d}.jpg" for k in range(PREFIXES) for i in range(per)]
     figures: dict = {}
     print(f"\n== scale: {len(keys):,} objects on moto S3 under {PREFIXES} prefixes")
-    with moto_server({"archive": keys}) as endpoint:
+    with moto_in_process({"archive": keys}) as endpoint:
         fs = s3(endpoint)
         for b in ("plans", "out-small", "out-all"):
             fs.mkdir(b)
@@ -395,34 +315,32 @@ def part_scale(args, work: str) -> dict:
 
         # Planning: the driver's concurrent prefix listing, then an S3 Inventory report read by Ray tasks.
         start = time.perf_counter()
-        listed = sum(1 for _ in plan_mod.iter_inputs("s3://archive/photos/", storage_options=opts))
+        listed = sum(1 for _ in sources.iter_inputs("s3://archive/photos/", storage_options=opts))
         list_s = time.perf_counter() - start
         assert listed == len(keys), listed
         figures["plan_keys_per_s"] = round(listed / list_s)
         print(
-            f"prefix listing: {listed:,} keys in {list_s:.1f} s = {listed / list_s:,.0f} keys/s ({plan_mod.LIST_THREADS} listings in flight)"
+            f"prefix listing: {listed:,} keys in {list_s:.1f} s = {listed / list_s:,.0f} keys/s ({LIST_THREADS} listings in flight)"
         )
         manifest = write_inventory(fs, "archive", [["archive", k, "11", "false"] for k in keys], parts=10)
-        ray.init(num_cpus=THREADS, include_dashboard=False, logging_level="ERROR")
-        try:
-            sources = plan_mod.manifest_sources(manifest, storage_options=opts)
+        with local_ray(THREADS):
+            found = sources.find_source(manifest, storage_options=opts)
+            inventory_parts = found.source.parts(found.target)
             start = time.perf_counter()
-            parts, _ = plan_mod.plan_manifest(
-                sources,
+            parts, _ = plan_mod.plan_parts_in_tasks(
+                inventory_parts,
                 plan_url="s3://plans/inventory",
                 unit_size=2048,
-                manifest_options=opts,
+                input_options=opts,
                 plan_options=opts,
                 read_cpus=0.25,
             )
             inv_s = time.perf_counter() - start
-        finally:
-            ray.shutdown()
         planned = sum(p.inputs for p in parts)
         assert planned == len(keys), planned
         figures["inventory_keys_per_s"] = round(planned / inv_s)
         print(
-            f"S3 Inventory ({len(sources)} gzipped CSV parts, Ray tasks): {planned:,} keys in {inv_s:.1f} s = {planned / inv_s:,.0f} keys/s"
+            f"S3 Inventory ({len(inventory_parts)} gzipped CSV parts, Ray tasks): {planned:,} keys in {inv_s:.1f} s = {planned / inv_s:,.0f} keys/s"
         )
 
         # The job as a user runs it, on a tenth of the inputs and on all of them.
@@ -504,7 +422,7 @@ def part_scale(args, work: str) -> dict:
 def part_query(args, work: str) -> dict:
     from bench.query import QUERIES, write_results
     from pipeline.results.open import open_results
-    from pipeline.results.query import sql
+    from pipeline.results.sql import sql
 
     root = os.path.join(work, "query-results")
     start = time.perf_counter()

@@ -30,11 +30,12 @@ import json
 import os
 import sys
 import tempfile
-import threading
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+
+from bench._common import ActorMemory, local_ray, per_image_loop, random_model  # noqa: E402
 
 
 def bare_loop(
@@ -42,12 +43,9 @@ def bare_loop(
 ) -> float:
     import torch
 
-    from model.build import load_model, resolve_spec
     from model.decode import decode_image
 
-    torch.set_num_threads(threads)
-    spec = resolve_spec("none", min_size=min_size, max_size=max_size)
-    model = load_model(spec, box_score_thresh=score)
+    model = random_model(min_size=min_size, max_size=max_size, score=score, threads=threads)
     images = [decode_image(open(f, "rb").read(), max_pixels=10**9) for f in files]
     tensors = [torch.from_numpy(i).permute(2, 0, 1).float().div(255) for i in images]
     with torch.inference_mode():
@@ -64,23 +62,14 @@ def naive_script(
 ) -> tuple[float, int, int]:
     """The per-image script a user would write. Returns (images/s, bytes written, detections written)."""
     import numpy as np
-    import torch
     from PIL import Image
-    from torchvision.transforms.functional import to_tensor
 
-    from model.build import load_model, resolve_spec
-
-    torch.set_num_threads(threads)
-    model = load_model(resolve_spec("none", min_size=min_size, max_size=max_size), box_score_thresh=score)
+    model = random_model(min_size=min_size, max_size=max_size, score=score, threads=threads)
     os.makedirs(out_dir, exist_ok=True)
-    with torch.inference_mode():
-        model([to_tensor(Image.open(files[0]).convert("RGB"))])  # warm-up, not timed
     detections = 0
-    start = time.perf_counter()
-    for f in files:
-        image = to_tensor(Image.open(f).convert("RGB"))
-        with torch.inference_mode():
-            out = model([image])[0]
+
+    def save(f: str, out: dict) -> None:
+        nonlocal detections
         keep = out["scores"] >= score
         stem = os.path.join(out_dir, os.path.splitext(os.path.basename(f))[0])
         masks = (out["masks"][keep, 0] >= 0.5).numpy()
@@ -98,8 +87,9 @@ def naive_script(
                 fh,
             )
         detections += len(masks)
-    elapsed = time.perf_counter() - start
-    return len(files) / elapsed, folder_bytes(out_dir), detections
+
+    rate = per_image_loop(model, files, finish=save)  # warm-up forward not timed, nothing saved for it
+    return rate, folder_bytes(out_dir), detections
 
 
 def folder_bytes(path: str, suffix: str = "") -> int:
@@ -133,7 +123,7 @@ def profile_compute_path(
     from model.decode import decode_image
     from model.postprocess import detections_from_mask_probs, forward_to_mask_probs, to_detections
     from pipeline.segment.infer import Segmenter, to_tensor
-    from pipeline.segment.write import ROW_GROUP_ROWS, detections_table
+    from pipeline.segment.writer import ROW_GROUP_ROWS, detections_table
 
     spec = resolve_spec("none", min_size=min_size, max_size=max_size)
     seg = Segmenter(spec=spec, score_threshold=score, threads=threads)
@@ -202,12 +192,10 @@ def measure_options(
 
     import torch
 
-    from model.build import load_model, resolve_spec
     from model.decode import decode_image
     from model.postprocess import detections_from_mask_probs, forward_to_mask_probs
 
-    torch.set_num_threads(threads)
-    model = load_model(resolve_spec("none", min_size=min_size, max_size=max_size), box_score_thresh=score)
+    model = random_model(min_size=min_size, max_size=max_size, score=score, threads=threads)
     tensors = [
         torch.from_numpy(decode_image(open(f, "rb").read(), max_pixels=10**9))
         .permute(2, 0, 1)
@@ -279,32 +267,6 @@ def measure_options(
     return best, note
 
 
-class PeakRss:
-    """Samples the resident memory of Ray's inference actor processes while the pipeline runs."""
-
-    def __init__(self, name_part: str = "Segmenter"):
-        self.name_part, self.peak, self._stop = name_part, 0, threading.Event()
-
-    def __enter__(self):
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._thread.start()
-        return self
-
-    def _run(self):
-        import psutil
-
-        while not self._stop.is_set():
-            for p in psutil.process_iter(["cmdline", "memory_info"]):
-                cmd = " ".join(p.info.get("cmdline") or [])
-                if self.name_part in cmd and p.info.get("memory_info"):
-                    self.peak = max(self.peak, p.info["memory_info"].rss)
-            self._stop.wait(0.2)
-
-    def __exit__(self, *exc):
-        self._stop.set()
-        self._thread.join()
-
-
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     # 16 images: at 640x480 resized to 800 an R50 forward takes ~2.5 s on one 2-core machine, and every side runs
@@ -323,8 +285,6 @@ def main() -> None:
     )
     p.add_argument("--repeats", type=int, default=2, help="repeats per variant for --options")
     args = p.parse_args()
-
-    import ray
 
     from pipeline.demo.shapes import make_shapes
     from pipeline.segment.config import segment_config
@@ -357,9 +317,6 @@ def main() -> None:
         f"({naive_bytes / max(naive_detections, 1):.0f} B per detection)"
     )
 
-    os.environ["PYTHONPATH"] = ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")
-    ray.init(num_cpus=args.threads, include_dashboard=False, logging_level="ERROR")
-    ray.data.DataContext.get_current().enable_progress_bars = False
     results = os.path.join(work, "results")
     cfg = segment_config(
         {
@@ -375,14 +332,14 @@ def main() -> None:
             "compute": {"threads_per_actor": args.threads, "max_actors": 1},
         }
     )
-    with PeakRss() as rss:
-        start = time.perf_counter()
-        summary = segment(cfg, log=lambda _: None)
-        elapsed = time.perf_counter() - start
-    # The same bare loop again while the (idle) Ray processes still share the cores: separates Ray's background
-    # cost from the pipeline's own work.
-    bare_ray_up = run_bare()
-    ray.shutdown()
+    with local_ray(args.threads):
+        with ActorMemory(0.2) as rss:
+            start = time.perf_counter()
+            summary = segment(cfg, log=lambda _: None)
+            elapsed = time.perf_counter() - start
+        # The same bare loop again while the (idle) Ray processes still share the cores: separates Ray's background
+        # cost from the pipeline's own work.
+        bare_ray_up = run_bare()
     print(f"bare model loop with an idle Ray running beside it: {bare_ray_up:.3f} images/s")
     assert summary.complete and summary.ok == len(files), summary.lines()
     pipe = len(files) / elapsed
@@ -393,7 +350,7 @@ def main() -> None:
         f"{summary.detections} detections, {ours_bytes / 2**20:.2f} MiB of Parquet (images/ + detections/; "
         f"{ours_bytes / max(summary.detections, 1):.0f} B per detection)"
     )
-    print(f"actor peak RSS: {rss.peak / 2**20:.0f} MiB")
+    print(f"actor peak RSS: {rss.peak_rss / 2**20:.0f} MiB")
 
     if args.options:
         best, note = measure_options(

@@ -24,20 +24,20 @@ The last line is `actor_rss_start_mib=<a> actor_rss_end_mib=<b> rerun_after_kill
 from __future__ import annotations
 
 import argparse
-import io
 import os
 import shutil
 import signal
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 SCRIPT = ROOT / "jobs" / "segment_archive.py"
+
+from bench._common import ActorMemory, local_ray, save_jpegs  # noqa: E402
 
 
 def make_images(folder: Path, n: int, seed: int) -> list[Path]:
@@ -46,25 +46,23 @@ def make_images(folder: Path, n: int, seed: int) -> list[Path]:
     from PIL import Image, ImageDraw
 
     rng = np.random.default_rng(seed)
-    folder.mkdir(parents=True, exist_ok=True)
-    paths = []
-    for i in range(n):
-        h, w = int(rng.integers(64, 97)), int(rng.integers(64, 129))
-        base = rng.integers(0, 256, size=3)
-        noise = rng.integers(-24, 25, size=(h, w, 3))
-        img = Image.fromarray(np.clip(base + noise, 0, 255).astype(np.uint8))
-        draw = ImageDraw.Draw(img)
-        for _ in range(int(rng.integers(1, 4))):
-            x0, y0 = int(rng.integers(0, w - 16)), int(rng.integers(0, h - 16))
-            box = [x0, y0, x0 + int(rng.integers(12, w - x0 + 1)), y0 + int(rng.integers(12, h - y0 + 1))]
-            fill = tuple(int(c) for c in rng.integers(0, 256, size=3))
-            (draw.ellipse if rng.random() < 0.5 else draw.rectangle)(box, fill=fill)
-        path = folder / f"img-{i:06d}.jpg"
-        buf = io.BytesIO()
-        img.save(buf, format="JPEG", quality=90)
-        path.write_bytes(buf.getvalue())
-        paths.append(path)
-    return paths
+
+    # Not `photo_like`: uniform noise, and ellipses or rectangles that may reach the far edges.
+    def images():
+        for _ in range(n):
+            h, w = int(rng.integers(64, 97)), int(rng.integers(64, 129))
+            base = rng.integers(0, 256, size=3)
+            noise = rng.integers(-24, 25, size=(h, w, 3))
+            img = Image.fromarray(np.clip(base + noise, 0, 255).astype(np.uint8))
+            draw = ImageDraw.Draw(img)
+            for _ in range(int(rng.integers(1, 4))):
+                x0, y0 = int(rng.integers(0, w - 16)), int(rng.integers(0, h - 16))
+                box = [x0, y0, x0 + int(rng.integers(12, w - x0 + 1)), y0 + int(rng.integers(12, h - y0 + 1))]
+                fill = tuple(int(c) for c in rng.integers(0, 256, size=3))
+                (draw.ellipse if rng.random() < 0.5 else draw.rectangle)(box, fill=fill)
+            yield img
+
+    return [Path(p) for p in save_jpegs(folder, images())]
 
 
 def narrow_checkpoint(path: Path, *, min_size: int, max_size: int) -> str:
@@ -96,50 +94,17 @@ def committed(out: Path) -> int:
     return sum(1 for _ in d.glob("*.json")) if d.is_dir() else 0
 
 
-class ActorRss:
-    """Samples (seconds, RSS, USS, inputs committed) of the SegmentWorker actor among this process's descendants (the
-    embedded Ray's workers, so another job's actors on the machine are never counted). RSS counts the pages of Ray's
-    shared-memory object store that the actor has touched (its outputs go there); USS, the memory only the actor
-    holds, is where a leak would show."""
+class ActorRss(ActorMemory):
+    """Samples (seconds, RSS, USS, inputs committed) of the SegmentWorker actor (see `ActorMemory`)."""
 
     def __init__(self, out: Path, unit_size: int, every_s: float):
-        self.out, self.unit_size, self.every_s = out, unit_size, every_s
-        self.samples: list[tuple[float, int, int, int]] = []
-        self._stop = threading.Event()
-
-    def __enter__(self):
-        self._t0 = time.perf_counter()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._thread.start()
-        return self
-
-    def _run(self) -> None:
-        import psutil
-
-        me = psutil.Process()
-        while not self._stop.is_set():
-            mem = None
-            for p in me.children(recursive=True):
-                try:
-                    if "SegmentWorker" in " ".join(p.cmdline()):
-                        mem = p.memory_full_info()
-                except psutil.Error:
-                    continue
-            if mem is not None:
-                done = committed(self.out) * self.unit_size
-                self.samples.append((time.perf_counter() - self._t0, mem.rss, mem.uss, done))
-            self._stop.wait(self.every_s)
-
-    def __exit__(self, *exc):
-        self._stop.set()
-        self._thread.join()
+        super().__init__(every_s, uss=True, count=lambda: committed(out) * unit_size)
 
     def report(self, total: int) -> dict:
         """RSS/USS in MiB at start (the first sample after the first committed unit: model loaded, first batches
         done), at the end and at peak; least-squares slopes after the start, in MiB per minute and per 1000 images
         (inputs committed)."""
-        if not self.samples:
-            raise SystemExit("no SegmentWorker actor process was found to sample")
+        self.check()
         steady = [s for s in self.samples if s[3] > 0] or self.samples
         out = {}
         for k, name in ((1, "rss"), (2, "uss")):
@@ -163,20 +128,9 @@ def _slope(xs: list[float], ys: list[float]) -> float:
 
 
 def soak(args, images_dir: Path, weights: str, work: Path) -> tuple[float, float]:
-    import logging
-
-    import ray
-    import ray.data
-
     from pipeline.segment.config import segment_config
     from pipeline.segment.run import segment
 
-    os.environ["PYTHONPATH"] = os.pathsep.join([str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])])
-    ray.init(num_cpus=args.threads, include_dashboard=False, logging_level="ERROR")
-    logging.getLogger("ray.data").setLevel(
-        logging.WARNING
-    )  # as jobs/_cli.py: the job's own progress lines only
-    ray.data.DataContext.get_current().enable_progress_bars = False
     out = work / "soak-results"
     cfg = segment_config(
         {
@@ -186,13 +140,10 @@ def soak(args, images_dir: Path, weights: str, work: Path) -> tuple[float, float
             "compute": {"max_actors": 1, "threads_per_actor": args.threads},
         }
     )
-    try:
-        with ActorRss(out, args.unit_size, args.sample_s) as rss:
-            started = time.perf_counter()
-            summary = segment(cfg, log=lambda line: print(f"  {line}", flush=True))
-            elapsed = time.perf_counter() - started
-    finally:
-        ray.shutdown()
+    with local_ray(args.threads), ActorRss(out, args.unit_size, args.sample_s) as rss:
+        started = time.perf_counter()
+        summary = segment(cfg, log=lambda line: print(f"  {line}", flush=True))
+        elapsed = time.perf_counter() - started
     assert summary.complete and summary.ok == args.images, summary.lines()
     mem = rss.report(args.images)
     print(

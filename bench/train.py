@@ -27,6 +27,8 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+from bench._common import local_ray, train_step  # noqa: E402
+
 
 def plain_loop(cfg: dict, threads: int) -> tuple[float, int]:
     """What a user writes without Ray: returns (seconds per step, steps)."""
@@ -54,10 +56,7 @@ def plain_loop(cfg: dict, threads: int) -> tuple[float, int]:
     loader = torch.utils.data.DataLoader(ds, batch_sampler=batches, collate_fn=collate, num_workers=0)
     start, steps = time.perf_counter(), 0
     for images, targets in loader:
-        loss = sum(model(images, targets).values())
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
+        train_step(model, opt, images, targets)
         steps += 1
     return (time.perf_counter() - start) / steps, steps
 
@@ -114,8 +113,6 @@ def main() -> None:
         print(" ".join(f"loader_img_s_w{k}={v:.1f}" for k, v in rates.items()))
         return
 
-    import ray
-
     from pipeline.demo.shapes import make_shapes
     from pipeline.train.config import train_config
     from pipeline.train.run import loop_config, run_training
@@ -156,10 +153,8 @@ def main() -> None:
     plain_step, steps = plain_loop(loop_config(cfg), args.threads)
     print(f"plain loop: {plain_step:.3f} s/step over {steps} steps")
 
-    os.environ["PYTHONPATH"] = ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")
-    ray.init(num_cpus=args.threads, include_dashboard=False, logging_level="ERROR")
-    summary = run_training(cfg)
-    ray.shutdown()
+    with local_ray(args.threads):
+        summary = run_training(cfg)
     ray_step = args.batch_size / summary.metrics["images_per_s"]
     print(
         f"Ray Train loop (1 worker, DDP-prepared model, report + checkpoint per epoch): {ray_step:.3f} s/step"

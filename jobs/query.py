@@ -25,17 +25,10 @@ from _cli import EXIT_OK, run_main
 
 from pipeline.config import StorageConfig
 from pipeline.results.open import Results, open_results
-from pipeline.results.query import (
-    FORMATS,
-    format_summary,
-    render,
-    render_sample,
-    sql,
-    summary,
-    write_csv,
-    write_table,
-)
+from pipeline.results.render import render, render_sample
 from pipeline.results.report import write_report
+from pipeline.results.sql import FORMATS, sql, write_csv, write_table
+from pipeline.results.summary import format_summary, summary
 
 TABLE_ROWS = 100  # rows printed by `sql --format table` unless --limit says otherwise
 

@@ -15,7 +15,18 @@ import argparse
 import os
 
 import _cli  # noqa: F401  (puts the repo root on sys.path)
-from _cli import EXIT_OK, add_output_args, init_ray, live_progress, load_config_dict, run_main, setup_output
+from _cli import (
+    EXIT_OK,
+    ROOT,
+    add_output_args,
+    deep_copy,
+    init_ray,
+    live_progress,
+    load_config_dict,
+    merge,
+    run_main,
+    setup_output,
+)
 
 from pipeline.errors import JobError
 from pipeline.segment.config import segment_config
@@ -26,7 +37,7 @@ DEMO_TRAIN_IMAGES, DEMO_VAL_IMAGES = 700, 100
 # The generated archive (make_shapes' arguments): the preset's data, images of up to 192x256, 1-6 shapes of four
 # classes. Larger, fewer shapes learned no faster per image (BENCHMARKS.md, "How the demo was chosen").
 DEMO_DATA = {"seed": 0, "size": [192, 256], "max_shapes": 6, "radius": [0.08, 0.28]}
-DEMO_TRAIN_CONFIG = os.path.join(_cli.ROOT, "configs", "train_cpu_small.yaml")
+DEMO_TRAIN_CONFIG = os.path.join(ROOT, "configs", "train_cpu_small.yaml")
 # The embedded default: the generated archive's val split, segmented with the checkpoint the demo trains (its sizes
 # come from the checkpoint); a low score threshold because the results are scored with COCO AP.
 DEMO_DEFAULTS = {
@@ -76,7 +87,7 @@ def demo_defaults() -> dict:
     """DEMO_DEFAULTS, segmenting in bfloat16 where this CPU has oneDNN's kernels for it (as the demo trains)."""
     from model.precision import cpu_has_bf16
 
-    defaults = _cli._deep_copy(DEMO_DEFAULTS)
+    defaults = deep_copy(DEMO_DEFAULTS)
     defaults["model"]["precision"] = "bf16" if cpu_has_bf16() else "fp32"
     return defaults
 
@@ -146,7 +157,7 @@ def _demo(cfg, args) -> int:
     from pipeline.train.config import train_config
 
     preset = load_config_dict(DEMO_TRAIN_CONFIG, [])
-    _cli._merge(preset, _cli._deep_copy(DEMO_TRAIN_OVERRIDES))
+    merge(preset, deep_copy(DEMO_TRAIN_OVERRIDES))
     train_data = load_config_dict(None, args.train_set, base=preset)  # the user's --train-set wins
     train_cfg = train_config(train_data)  # checked before any work, like the segment config
     setup_output("demo", verbose=args.verbose, log_dir=f"{DEMO_DIR}/logs")

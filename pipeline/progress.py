@@ -2,7 +2,7 @@
 
 A person at a terminal wants one line that moves (count, rate, ETA, errors so far); a log reader (CI, `ray job logs`,
 a file) wants a line every few seconds that still reads well when 10,000 of them are concatenated, and no carriage
-returns. `live` says which; the jobs decide it (`jobs/_cli.live_progress()`: stderr is a terminal), so the pipeline
+returns. `live` says which; the jobs decide it (`jobs/_output.live_progress()`: stderr is a terminal), so the pipeline
 stays free of terminal handling and tests can ask for either.
 """
 

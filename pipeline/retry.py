@@ -4,9 +4,11 @@ The libraries below already retry each request: botocore (its default "legacy" m
 and connection errors, waiting up to 1, 2, 4, 8 s) and s3fs (5 more rounds on `SlowDown`, dropped connections and
 bodies cut short). What they give up on reaches the job after ~10 s: a throttling or 5xx spell that lasts longer.
 Without a retry of its own, an input read would become a permanent `read failed` error row and a result write would
-fail the job. So the job's storage calls go through `call` (per-input reads and tar shards through their own loops
-in `pipeline.segment.plan`), which tries `ATTEMPTS` more times, `BASE_DELAY_S` x 2^n apart (n = 0, 1, ...; at most
-`MAX_DELAY_S`; with jitter, so that many readers do not retry in step).
+fail the job. So the segment job's storage calls go through `call` (in `pipeline.segment`: `sources` listing the
+inputs, `plan` and `units` the plan's files, `read` each input, `storage` the output, `lease` the leases; a tar shard
+cut short is re-read from its start by a loop of its own in `read`), which tries `ATTEMPTS` more times,
+`BASE_DELAY_S` x 2^n apart (n = 0, 1, ...; at most `MAX_DELAY_S`; with jitter, so that many readers do not retry in
+step).
 
 Permanent errors (not found, access denied, bad credentials, a bucket that does not exist, an endpoint where nothing
 accepts connections — botocore has already retried the connect) are raised at once.

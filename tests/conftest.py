@@ -2,18 +2,17 @@
 
 from __future__ import annotations
 
-import io
 import os
-import socket
 import sys
 
 import numpy as np
 import pytest
-from PIL import Image
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
+
+from tests.support.s3 import moto_in_thread, s3_filesystem  # noqa: E402  (after ROOT is on sys.path)
 
 # Dummy credentials for the moto server, set before any Ray worker starts so that workers inherit them
 # (workers take the environment of the Ray instance, not of later changes in this process).
@@ -33,12 +32,6 @@ TINY_MODEL = {
 }
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="session")
 def ray_local():
     """One local Ray for the session: 2 CPUs like the CI machine."""
@@ -53,13 +46,8 @@ def ray_local():
 @pytest.fixture(scope="session")
 def moto_server():
     """moto's S3 server on loopback (how s3fs tests itself). Yields the endpoint URL."""
-    from moto.server import ThreadedMotoServer
-
-    port = free_port()
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port)
-    server.start()
-    yield f"http://127.0.0.1:{port}"
-    server.stop()
+    with moto_in_thread() as endpoint:
+        yield endpoint
 
 
 @pytest.fixture
@@ -70,25 +58,11 @@ def s3(moto_server):
     import s3fs
 
     s3fs.S3FileSystem.clear_instance_cache()
-    fs = s3fs.S3FileSystem(client_kwargs={"endpoint_url": moto_server})
+    fs = s3_filesystem(moto_server)
     bucket = f"test-{uuid.uuid4().hex[:10]}"
     fs.mkdir(bucket)
     yield fs, bucket, moto_server
     s3fs.S3FileSystem.clear_instance_cache()
-
-
-def jpeg_bytes(h: int = 72, w: int = 96, seed: int = 0, **save) -> bytes:
-    rng = np.random.default_rng(seed)
-    arr = rng.integers(0, 256, size=(h, w, 3), dtype=np.uint8)
-    buf = io.BytesIO()
-    Image.fromarray(arr).save(buf, format="JPEG", **save)
-    return buf.getvalue()
-
-
-def png_bytes(arr: np.ndarray, mode: str | None = None, **save) -> bytes:
-    buf = io.BytesIO()
-    Image.fromarray(arr, mode=mode).save(buf, format="PNG", **save)
-    return buf.getvalue()
 
 
 @pytest.fixture(scope="session")
@@ -103,9 +77,12 @@ def shapes_dir(tmp_path_factory):
 
 def plan_units(refs, *, plan_url: str, unit_size: int):
     """Plan `refs` (InputRefs) under `plan_url` as the job does; returns the plan's units (all pending)."""
-    from pipeline.segment.plan import Unit, expand_part, pending_parts, plan_inputs, write_index
+    import pyarrow as pa
+
+    from pipeline.segment.plan import pending_parts, plan_inputs, write_index
+    from pipeline.segment.units import expand_parts, units_from_table
 
     parts = plan_inputs(refs, plan_url=plan_url, unit_size=unit_size)
     plan = write_index(plan_url, parts, unit_size=unit_size, skipped={})
-    items = pending_parts(plan, np.zeros(plan.units, dtype=bool))
-    return [Unit(**u) for item in items for u in expand_part(item, plan_url=plan.url, unit_size=unit_size)]
+    items = pa.Table.from_pylist(pending_parts(plan, np.zeros(plan.units, dtype=bool)))
+    return units_from_table(expand_parts(items, plan_url=plan.url, unit_size=unit_size))

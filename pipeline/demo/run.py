@@ -69,7 +69,7 @@ def run_demo(
     """
     from pipeline.results.evaluate import evaluate_results, load_ground_truth
     from pipeline.results.open import open_results
-    from pipeline.results.query import render_sample
+    from pipeline.results.render import render_sample
     from pipeline.results.report import top_images, write_report
     from pipeline.segment.run import segment
     from pipeline.train.run import run_training

@@ -1,6 +1,7 @@
 """Reading a results folder back: the `images/` and `detections/` Parquet datasets a segment job wrote.
 
-Shared by `pipeline/query.py` (behind `jobs/query.py`) and `jobs/evaluate.py`. Works on any fsspec URL (local, `s3://`): pyarrow reads the
+Shared by what `jobs/query.py` runs (`pipeline.results.sql`, `.summary`, `.render`, `.report`) and by
+`pipeline.results.evaluate` (behind `jobs/evaluate.py`). Works on any fsspec URL (local, `s3://`): pyarrow reads the
 Parquet files through the fsspec filesystem, so no DuckDB extension or AWS SDK of its own is needed. Names starting
 with `_` or `.` (completion records, the plan, temporary files) are skipped, exactly as pyarrow's and DuckDB's
 dataset readers skip them.
@@ -36,7 +37,7 @@ class Results:
     url: str
     fs: fsspec.AbstractFileSystem
     root: str
-    # The options the folder was opened with; `pipeline.results.query` reuses them to re-read the inputs (`image_uri`)
+    # The options the folder was opened with; `pipeline.results.render` reuses them to re-read the inputs (`image_uri`)
     # and to write what it renders, so one `--endpoint-url` serves all three.
     storage_options: dict = dataclasses.field(default_factory=dict)
 

@@ -4,7 +4,7 @@
 
 The page shows the run's summary (images ok / in error, detections per label, the score histogram, throughput when
 the results record it, run and model ids), a grid of overlays of the `sample` images whose best detection scores
-highest (drawn by `query.draw_detections` with detections of `score >= min_score`), and a few example inputs for
+highest (drawn by `render.draw_detections` with detections of `score >= min_score`), and a few example inputs for
 every error reason. Charts are inline SVG drawn by the template from bar geometry computed here; pictures are JPEG
 files under `images/`. Nothing is loaded from the network.
 
@@ -24,8 +24,11 @@ from typing import Any
 
 import jinja2
 
+from pipeline.results.common import QueryError
 from pipeline.results.open import Results, open_results
-from pipeline.results.query import QueryError, draw_detections, sql, summary
+from pipeline.results.render import draw_detections
+from pipeline.results.sql import sql
+from pipeline.results.summary import summary
 from pipeline.segment.schema import STATUS_OK
 
 TEMPLATE = "report.html.j2"

@@ -10,6 +10,7 @@ import dataclasses
 from typing import Any, Literal
 
 from pipeline.config import ConfigError, StorageConfig, check_ranges, from_dict
+from pipeline.segment.settings import ERROR_POLICIES, FP16_ON_CPU, PRECISIONS
 
 
 @dataclasses.dataclass(frozen=True)
@@ -51,7 +52,7 @@ class ModelConfig:
     device: Literal["auto", "cpu", "cuda"] = "auto"
     # auto: fp16 autocast on GPUs, fp32 on CPUs. fp16 on a CPU is refused (no fp16 arithmetic there to gain from);
     # bf16: bfloat16 autocast, on GPUs or CPUs with AVX-512/AMX (1.34x fp32 on a 2-core EPYC, BENCHMARKS.md).
-    precision: Literal["auto", "fp32", "fp16", "bf16"] = "auto"
+    precision: Literal[PRECISIONS] = "auto"
     storage: StorageConfig = dataclasses.field(default_factory=StorageConfig)
 
     def storage_options(self) -> dict[str, Any]:
@@ -66,7 +67,7 @@ class ComputeConfig:
     cpus_per_actor: float | None = None
     threads_per_actor: int | None = None
     # Threads per actor that read and decode the next images while the model runs (I/O-bound reads from object
-    # storage need many in flight; decoding releases the GIL). None ("auto"): 16.
+    # storage need many in flight; decoding releases the GIL). None ("auto"): settings.IO_THREADS.
     io_threads: int | None = None
     read_cpus: float = 0.25
 
@@ -77,7 +78,7 @@ class SegmentConfig:
     output: OutputConfig = dataclasses.field(default_factory=OutputConfig)
     model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
     compute: ComputeConfig = dataclasses.field(default_factory=ComputeConfig)
-    on_image_error: Literal["record", "raise"] = "record"
+    on_image_error: Literal[ERROR_POLICIES] = "record"
     progress_interval_s: float = 10.0
 
 
@@ -100,12 +101,6 @@ _RANGES: dict[str, tuple[float, float]] = {
     "output.lease_s": (3.0, 86_400.0),
     "progress_interval_s": (0.1, 86_400.0),
 }
-
-
-FP16_ON_CPU = (
-    "model.precision: fp16 runs on GPUs only (a CPU has no fp16 arithmetic to gain from: 10x slower than fp32 "
-    "there); use fp32, bf16 or auto"
-)
 
 
 def segment_config(data: dict | None) -> SegmentConfig:

@@ -25,26 +25,9 @@ from model.postprocess import (
     forward_to_mask_probs,
 )
 from model.precision import autocast
+from pipeline.segment.settings import resolve_precision
 
-PRECISIONS = ("auto", "fp32", "fp16", "bf16")
 MASK_ROUTES = ("auto", "batched", "in_box")
-
-
-def resolve_precision(precision: str, device: str) -> str:
-    """`auto` → fp16 on CUDA, fp32 on CPU. fp16 on a CPU is refused: CPUs have no fp16 arithmetic to gain from
-    (measured: 10x slower than fp32 under CPU autocast, `bench/gpu.py --device cpu`). bf16 runs on both: on CPUs
-    with oneDNN's bfloat16 kernels (AVX-512, AMX) it ran 1.34x fp32's images/s on this project's 2-core EPYC. It is
-    asked for, never automatic: its detections drift further from fp32's than fp16's do (scores by 0.009 on
-    average, masks at IoU 0.91; `bench/gpu.py`, BENCHMARKS.md)."""
-    if precision not in PRECISIONS:
-        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
-    if precision == "auto":
-        return "fp16" if device == "cuda" else "fp32"
-    if precision == "fp16" and device != "cuda":
-        raise ValueError(
-            "fp16 runs on GPUs only (CPUs have no fp16 arithmetic to gain from); use fp32, bf16 or auto"
-        )
-    return precision
 
 
 class Segmenter:

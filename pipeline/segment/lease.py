@@ -31,7 +31,7 @@ from collections.abc import Callable
 from pipeline import retry
 from pipeline.errors import JobError, describe_storage_error
 from pipeline.segment.schema import LEASE_FILE
-from pipeline.segment.write import Output
+from pipeline.segment.storage import Output, protocols
 
 
 def _precondition_failed(exc: BaseException) -> bool:
@@ -84,7 +84,7 @@ class Lease:
     def acquire(self, log: Callable[[str], None] = print) -> Lease:
         if self.output.local:
             self._acquire_local()
-        elif "s3" in _protocols(self.output.fs):
+        elif "s3" in protocols(self.output.fs):
             self._acquire_s3(log)
             self._thread = threading.Thread(target=self._renew_loop, name="lease", daemon=True)
             self._thread.start()
@@ -226,10 +226,6 @@ def _abandoned(info: dict, ttl_s: float) -> bool:
     if not hasattr(modified, "timestamp"):
         return False
     return time.time() - modified.timestamp() > ttl_s + SIGNING_SKEW_S
-
-
-def _protocols(fs) -> tuple[str, ...]:
-    return fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)
 
 
 def _etag(response: dict | None) -> str | None:

@@ -13,6 +13,7 @@ image too thin for the model's sizes each become a `Decoded` with `error` set (a
 from __future__ import annotations
 
 import dataclasses
+import datetime
 import queue
 import tarfile
 import threading
@@ -26,7 +27,8 @@ import torch
 from model.decode import DecodeError, decode_image
 from pipeline import retry
 from pipeline.errors import describe_storage_error
-from pipeline.segment.plan import TAR_MEMBER_SEP, Unit, is_image_name, read_unit_list
+from pipeline.segment.naming import is_image_name, member_uri, read_member, split_tar_member
+from pipeline.segment.units import Kind, Unit, read_unit_list
 
 
 @dataclasses.dataclass
@@ -35,12 +37,37 @@ class Decoded:
 
     index: int  # position within the unit
     image_uri: str
-    nbytes: int | None  # size of the encoded input; None when it could not be read
     image: np.ndarray | torch.Tensor | None = None  # RGB uint8 [H, W, 3], upright (a pinned tensor for GPUs)
     error: str | None = None
-    decode_ms: float | None = None
-    height: int | None = None
-    width: int | None = None
+    # The input's own `images` columns, by name (`pipeline.segment.schema.INPUT_COLUMNS`): bytes, source_version,
+    # decode_ms, height, width. A column added to the schema is filled here, where its value is known.
+    columns: dict = dataclasses.field(default_factory=dict)
+
+    @property
+    def height(self) -> int | None:
+        return self.columns.get("height")
+
+    @property
+    def width(self) -> int | None:
+        return self.columns.get("width")
+
+
+def object_version(info: dict) -> str | None:
+    """An object's identity as its store reports it (`fs.info`): `etag=<ETag>` where there is one (S3 and other
+    object stores), else `size=<bytes> mtime=<ISO-8601 UTC>` (local files)."""
+    etag = info.get("ETag") or info.get("etag")
+    if etag:
+        return f"etag={etag}"
+    mtime = info.get("mtime") or info.get("LastModified") or info.get("last_modified")
+    if isinstance(mtime, (int, float)):
+        mtime = (
+            datetime.datetime.fromtimestamp(mtime, datetime.timezone.utc).isoformat().replace("+00:00", "Z")
+        )
+    elif isinstance(mtime, datetime.datetime):
+        mtime = mtime.astimezone(datetime.timezone.utc).isoformat().replace("+00:00", "Z")
+    if info.get("size") is None and mtime is None:
+        return None
+    return f"size={info.get('size')} mtime={mtime}"
 
 
 def decoded_inputs(
@@ -63,27 +90,12 @@ def decoded_inputs(
     yield from _run_ahead(jobs, threads=threads, depth=depth or 2 * threads)
 
 
-@dataclasses.dataclass(frozen=True)
-class RawInput:
-    index: int
-    image_uri: str
-    data: bytes | None
-    error: str | None  # why there are no bytes (a read failure, a corrupt tar)
-
-
-def read_inputs(
-    unit: Unit, *, input_options: dict | None = None, plan_options: dict | None = None, threads: int = 16
-) -> Iterator[RawInput]:
-    """The unit's inputs as bytes, in order, undecoded (what `decoded_inputs` decodes)."""
-    jobs = _jobs(unit, input_options or {}, plan_options or {}, RawInput)
-    yield from _run_ahead(jobs, threads=threads, depth=2 * threads)
-
-
 def _jobs(unit: Unit, input_options: dict, plan_options: dict, finish: Callable) -> Iterator[Callable]:
-    """Callables that each produce one input's result: `finish(index, image_uri, bytes or None, error or None)`."""
-    if unit.kind == "tar":
-        for index, image_uri, data, error in _tar_members(unit, input_options):
-            yield lambda i=index, u=image_uri, d=data, e=error: finish(i, u, d, e)
+    """Callables that each produce one input's result:
+    `finish(index, image_uri, bytes or None, error or None, source_version or None)`."""
+    if unit.kind is Kind.TARS:
+        for index, image_uri, data, error, version in _tar_members(unit, input_options):
+            yield lambda i=index, u=image_uri, d=data, e=error, v=version: finish(i, u, d, e, v)
     else:
         yield from _file_jobs(unit, input_options, plan_options, finish)
 
@@ -153,11 +165,18 @@ class _Checks:
     max_size: int
     pin_memory: bool = False
 
-    def decode(self, index: int, image_uri: str, data: bytes | None, read_error: str | None) -> Decoded:
+    def decode(
+        self,
+        index: int,
+        image_uri: str,
+        data: bytes | None,
+        read_error: str | None,
+        version: str | None = None,
+    ) -> Decoded:
         """Bytes (or the reason there are none) → `Decoded`."""
         if read_error is not None:
-            return Decoded(index, image_uri, None, error=read_error)
-        item = Decoded(index, image_uri, len(data))
+            return Decoded(index, image_uri, error=read_error, columns={"source_version": version})
+        item = Decoded(index, image_uri, columns={"bytes": len(data), "source_version": version})
         t0 = time.perf_counter()
         try:
             image = decode_image(data, max_pixels=self.max_pixels)
@@ -165,8 +184,8 @@ class _Checks:
             item.error = e.reason
             return item
         finally:
-            item.decode_ms = (time.perf_counter() - t0) * 1e3
-        item.height, item.width = int(image.shape[0]), int(image.shape[1])
+            item.columns["decode_ms"] = (time.perf_counter() - t0) * 1e3
+        item.columns.update(height=int(image.shape[0]), width=int(image.shape[1]))
         item.error = too_thin(item.height, item.width, self.min_size, self.max_size)
         if item.error is None:
             item.image = torch.from_numpy(image).pin_memory() if self.pin_memory else image
@@ -205,17 +224,31 @@ def _file_jobs(unit: Unit, input_options: dict, plan_options: dict, finish: Call
             return filesystems[protocol]
 
     def job(index: int, read_url: str, image_uri: str) -> Decoded:
-        fs = fs_for(read_url)
+        member = split_tar_member(read_url)
+        fs = fs_for(member[0] if member else read_url)
         try:
             # Retried on transient errors (throttling, 5xx, a dropped connection or a body cut short: see
             # `pipeline.retry`), so that a storage hiccup does not become a permanent `read failed` row.
-            data = retry.call(fs.cat_file, fs._strip_protocol(read_url))
+            if member:
+                data, version = retry.call(_read_member, fs, fs._strip_protocol(member[0]), member[1])
+            else:
+                path = fs._strip_protocol(read_url)
+                # The object's identity just before its bytes (one HEAD; a GET's own ETag is not exposed by fsspec).
+                version = object_version(retry.call(fs.info, path))
+                data = retry.call(fs.cat_file, path)
         except Exception as e:  # per input: becomes that input's error row
             return finish(index, image_uri, None, f"read failed: {describe_storage_error(image_uri, e)}")
-        return finish(index, image_uri, bytes(data), None)
+        return finish(index, image_uri, bytes(data), None, version)
 
     for index, (read_url, image_uri) in enumerate(entries):
         yield lambda i=index, r=read_url, u=image_uri: job(i, r, u)
+
+
+def _read_member(fs, shard_path: str, member: str) -> tuple[bytes, str | None]:
+    """One member of a shard (named on its own by a manifest: the shard is scanned up to it) and the shard's
+    identity."""
+    with fs.open(shard_path, "rb") as f:
+        return read_member(f, member), object_version(getattr(f, "details", None) or fs.info(shard_path))
 
 
 # --- tar shards ------------------------------------------------------------------------------------------------------
@@ -225,8 +258,8 @@ class _TransientTarError(Exception):
     """A shard read that failed on a transient storage error: `_tar_members` starts the shard again."""
 
 
-def _tar_members(unit: Unit, opts: dict) -> Iterator[tuple[int, str, bytes | None, str | None]]:
-    """`(index, image_uri, bytes or None, read error or None)` per image member; a transient storage error
+def _tar_members(unit: Unit, opts: dict) -> Iterator[tuple[int, str, bytes | None, str | None, str | None]]:
+    """`(index, image_uri, bytes or None, read error or None, the shard's version)` per image member; a transient storage error
     mid-shard (see `pipeline.retry`) re-reads the shard from the start, skipping the members already yielded (a
     tar's member order is fixed), instead of ending the shard with an error."""
     done = 0
@@ -244,21 +277,25 @@ def _tar_members(unit: Unit, opts: dict) -> Iterator[tuple[int, str, bytes | Non
 def _tar_members_once(unit: Unit, opts: dict, *, retry_transient: bool) -> Iterator[tuple]:
     index = 0
     error: str | None = None
+    version: str | None = None
     try:
         # Seekable mode ("r:"), not stream mode: fsspec files seek (s3fs reads ahead in blocks), and a known
         # size lets us tell a clean end of archive from a truncated one, which tarfile treats the same.
-        with fsspec.open(unit.location, "rb", **opts) as f, tarfile.open(fileobj=f, mode="r:") as tf:
+        shard = fsspec.open(unit.location, "rb", **opts)
+        with shard as f, tarfile.open(fileobj=f, mode="r:") as tf:
+            # An object store's file knows its object (fetched when it opened); a local one asks the filesystem.
+            version = object_version(getattr(f, "details", None) or shard.fs.info(shard.path))
             for member in tf:
                 if not member.isfile() or not is_image_name(member.name):
                     continue
-                image_uri = f"{unit.image_uri}{TAR_MEMBER_SEP}{member.name}"
+                image_uri = member_uri(unit.shard_uri, member.name)
                 try:
                     extracted = tf.extractfile(member)
-                    item = (index, image_uri, extracted.read() if extracted else b"", None)
+                    item = (index, image_uri, extracted.read() if extracted else b"", None, version)
                 except (tarfile.TarError, OSError, EOFError) as e:
                     if retry.is_transient(e):
                         raise  # a storage hiccup, not a corrupt member: handled for the whole shard below
-                    item = (index, image_uri, None, f"corrupt tar member: {type(e).__name__}: {e}")
+                    item = (index, image_uri, None, f"corrupt tar member: {type(e).__name__}: {e}", version)
                     error = f"corrupt tar shard after member {member.name!r}: {type(e).__name__}: {e}"
                 index += 1
                 yield item
@@ -272,10 +309,10 @@ def _tar_members_once(unit: Unit, opts: dict, *, retry_transient: bool) -> Itera
             raise
         if transient and retry_transient:
             raise _TransientTarError from e
-        error = f"corrupt or unreadable tar shard: {describe_storage_error(unit.image_uri, e)}"
+        error = f"corrupt or unreadable tar shard: {describe_storage_error(unit.shard_uri, e)}"
     if error or index == 0:
         # The shard itself gets a row when it ends early or holds no image: an input we could not fully read.
-        yield (index, unit.image_uri, None, error or "tar shard holds no image members")
+        yield (index, unit.shard_uri, None, error or "tar shard holds no image members", version)
 
 
 def _end_of_archive_problem(tf: tarfile.TarFile) -> str | None:

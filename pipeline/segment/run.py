@@ -1,6 +1,6 @@
 """Run: the segment job on a Ray cluster — lease, plan, the Ray Data pipeline, the summary.
 
-    _plan/ parts ──from_items + flat_map(expand_part)──▶ pending units, one block each
+    _plan/ parts ──from_items + map_batches(units.expand_parts)──▶ pending units (UNIT_SCHEMA rows), one block each
           ──map_batches(SegmentWorker, ActorPoolStrategy, num_gpus=1 | threads on CPU)──▶ one row of counts per unit
           ──iter_batches on the driver──▶ summary, progress, `_stats/` roll-ups
 
@@ -13,10 +13,8 @@ Ray is connected lazily through `connect` (the caller's `ray.init`): a re-run wi
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
-import math
 import time
 import uuid
 from collections import Counter
@@ -30,183 +28,19 @@ from pipeline.config import ConfigError, redacted
 from pipeline.errors import JobError, describe_storage_error, one_line, root_cause
 from pipeline.progress import Progress
 from pipeline.segment import plan as plan_mod
-from pipeline.segment.config import FP16_ON_CPU, ComputeConfig, SegmentConfig
-from pipeline.segment.infer import resolve_precision
+from pipeline.segment import sources
+from pipeline.segment.config import SegmentConfig
 from pipeline.segment.lease import Lease
+from pipeline.segment.ledger import StatsLog, committed_stats, committed_units
+from pipeline.segment.naming import IMAGE_EXTENSIONS
 from pipeline.segment.plan import Plan
+from pipeline.segment.resources import Resources, cluster_resources, plan_resources
 from pipeline.segment.schema import COMMITTED_DIR, CONFIG_FILE, PLAN_DIR, SUCCESS_FILE
+from pipeline.segment.settings import FP16_ON_CPU, WorkerSettings, batch_size_for, resolve_precision
+from pipeline.segment.storage import Output
+from pipeline.segment.summary import RunSummary
+from pipeline.segment.units import Kind, expand_parts, stats_from_row, unit_id
 from pipeline.segment.worker import SegmentWorker
-from pipeline.segment.write import (
-    Output,
-    StatsLog,
-    UnitStats,
-    committed_stats,
-    committed_units,
-    stats_from_row,
-)
-
-# --- resources -------------------------------------------------------------------------------------------------------
-
-
-# Images per forward pass when `model.batch_size` is auto. On CPU one image at a time is fastest: batching 640x480
-# images at 800 px ran at 0.31 images/s against 0.50 one by one (bench/segment.py, 2 cores; larger activations,
-# no parallelism left to gain). GPUs gain from batching.
-CPU_BATCH_SIZE = 1
-GPU_BATCH_SIZE = 4
-IO_THREADS = 16  # compute.io_threads auto
-
-
-def batch_size_for(configured: int | None, device: str) -> int:
-    return configured or (GPU_BATCH_SIZE if device == "cuda" else CPU_BATCH_SIZE)
-
-
-@dataclasses.dataclass(frozen=True)
-class Resources:
-    device: str  # "cuda" | "cpu"
-    min_actors: int
-    max_actors: int
-    gpus_per_actor: float
-    cpus_per_actor: float
-    threads_per_actor: int
-    read_cpus: float
-    io_threads: int = IO_THREADS
-
-
-def plan_resources(
-    compute: ComputeConfig, *, device: str, cluster_gpus: float, node_cpus: list[float]
-) -> Resources:
-    """Size the actor pool from the cluster (pure; `auto` = None in `compute`).
-
-    GPU clusters: one actor per GPU, 1 CPU each (its reads and decodes run on `io_threads` threads that mostly wait
-    on storage or hold no GIL). CPU-only clusters: one actor per node, taking all of the node's CPUs but one and
-    running torch with one thread per core. The reservations always leave `read_cpus` free on a node: an actor
-    asking for every CPU starves the small tasks that feed it units, and Ray Data then waits forever (seen on a
-    2-CPU machine).
-    """
-    if not node_cpus:
-        raise JobError("the Ray cluster has no node with CPUs")
-    per_node = min(node_cpus)
-    read = compute.read_cpus
-    use_gpu = device == "cuda" or (device == "auto" and cluster_gpus > 0 and compute.gpus_per_actor != 0)
-    if use_gpu:
-        if cluster_gpus <= 0 and device == "cuda":
-            raise JobError("model.device is 'cuda' but the Ray cluster reports no GPU")
-        gpus = compute.gpus_per_actor or 1.0
-        cpus = compute.cpus_per_actor if compute.cpus_per_actor is not None else 1.0
-        threads = compute.threads_per_actor or max(1, int(cpus))
-        fit = max(1, int(cluster_gpus // gpus))
-    else:
-        gpus = 0.0
-        if compute.cpus_per_actor is None:
-            cpus = max(per_node - max(1.0, read), per_node / 2)
-            threads = compute.threads_per_actor or max(1, int(per_node))
-            fit = len(node_cpus)
-        else:
-            cpus = compute.cpus_per_actor
-            threads = compute.threads_per_actor or max(1, int(cpus))
-            fit = max(1, int(sum(math.floor((n - read) / cpus) if cpus else 1 for n in node_cpus)))
-    if cpus + read > per_node + 1e-9:
-        raise ConfigError(
-            f"compute.cpus_per_actor: {cpus:g} CPUs per actor plus compute.read_cpus={read:g} exceed the "
-            f"{per_node:g} CPUs of the smallest node; allowed at most {per_node - read:g}"
-        )
-    max_actors = compute.max_actors or fit
-    min_actors = min(compute.min_actors or max_actors, max_actors)
-    return Resources(
-        device="cuda" if use_gpu else "cpu",
-        min_actors=min_actors,
-        max_actors=max_actors,
-        gpus_per_actor=gpus,
-        cpus_per_actor=cpus,
-        threads_per_actor=threads,
-        read_cpus=read,
-        io_threads=compute.io_threads or IO_THREADS,
-    )
-
-
-def cluster_resources() -> tuple[float, list[float]]:
-    """(total GPUs, CPUs of each alive node) of the connected Ray cluster."""
-    import ray
-
-    gpus = float(ray.cluster_resources().get("GPU", 0))
-    nodes = [n["Resources"].get("CPU", 0.0) for n in ray.nodes() if n.get("Alive")]
-    return gpus, [c for c in nodes if c > 0]
-
-
-# --- summary ---------------------------------------------------------------------------------------------------------
-
-
-@dataclasses.dataclass
-class RunSummary:
-    output_url: str
-    run_id: str
-    model_id: str
-    random_weights: bool
-    resources: Resources | None = None
-    units_total: int = 0
-    units_skipped: int = 0
-    units_committed: int = 0
-    units_incomplete: list[str] = dataclasses.field(default_factory=list)
-    images_skipped: int = 0  # inputs of the skipped units: done by an earlier run on this output
-    images: int = 0
-    ok: int = 0
-    errors: int = 0
-    detections: int = 0
-    labels: Counter = dataclasses.field(default_factory=Counter)
-    error_reasons: Counter = dataclasses.field(default_factory=Counter)
-    images_this_run: int = 0
-    seconds: float = 0.0
-
-    @property
-    def complete(self) -> bool:
-        return not self.units_incomplete and self.units_committed + self.units_skipped == self.units_total
-
-    @property
-    def images_per_s(self) -> float:
-        return self.images_this_run / self.seconds if self.seconds > 0 else 0.0
-
-    def add(self, stats: UnitStats, *, this_run: bool) -> None:
-        self.images += stats.images
-        self.ok += stats.ok
-        self.errors += stats.errors
-        self.detections += stats.detections
-        self.labels.update(stats.labels)
-        self.error_reasons.update(stats.error_reasons)
-        if this_run:
-            self.units_committed += 1
-            self.images_this_run += stats.images
-        else:
-            self.images_skipped += stats.images
-
-    def to_json(self) -> dict:
-        d = dataclasses.asdict(self)
-        d["labels"], d["error_reasons"] = dict(self.labels), dict(self.error_reasons)
-        d["complete"], d["images_per_s"] = self.complete, round(self.images_per_s, 3)
-        return d
-
-    def lines(self) -> list[str]:
-        out = []
-        if self.random_weights:
-            out.append(
-                "NOTE: model.weights=none — RANDOM weights; detections are meaningless (a pipeline check)."
-            )
-        out += [
-            f"images: {self.images} ({self.ok} ok, {self.errors} error)   detections: {self.detections}",
-            f"units: {self.units_total} planned, {self.units_committed} committed now, "
-            f"{self.units_skipped} already done (skipped: {self.images_skipped} inputs), "
-            f"{len(self.units_incomplete)} incomplete",
-            f"throughput: {self.images_this_run} images in {self.seconds:.1f} s = {self.images_per_s:.2f} images/s",
-        ]
-        if self.labels:
-            top = ", ".join(f"{k}={v}" for k, v in self.labels.most_common(10))
-            more = f" (+{len(self.labels) - 10} more labels)" if len(self.labels) > 10 else ""
-            out.append(f"detections per label: {top}{more}")
-        if self.error_reasons:
-            out.append("errors: " + ", ".join(f"{k}={v}" for k, v in self.error_reasons.most_common(10)))
-        out.append(f"model: {self.model_id}   run: {self.run_id}")
-        out.append(f"results: {self.output_url}/images/ and {self.output_url}/detections/ (Parquet)")
-        return out
-
 
 # --- the job ---------------------------------------------------------------------------------------------------------
 
@@ -381,29 +215,28 @@ def _plan(cfg: SegmentConfig, out: Output, connect: Callable[[], None], log: Cal
         plan_mod.clear_partial_plan(plan_url, storage_options=plan_opts)
         skipped: Counter = Counter()
         t0 = time.perf_counter()
-        if plan_mod.is_manifest(url, storage_options=input_opts):
-            sources = plan_mod.manifest_sources(url, storage_options=input_opts)
+        found = sources.find_source(url, storage_options=input_opts)
+        if found.in_tasks:
+            parts_to_read = found.source.parts(found.target)
             connect()
-            parts, skipped = plan_mod.plan_manifest(
-                sources,
+            parts, skipped = plan_mod.plan_parts_in_tasks(
+                parts_to_read,
                 plan_url=plan_url,
                 unit_size=unit_size,
-                manifest_options=input_opts,
+                input_options=input_opts,
                 plan_options=plan_opts,
                 read_cpus=cfg.compute.read_cpus,
             )
-            how = f"{len(sources)} manifest file(s) read by Ray tasks"
+            how = f"{len(parts_to_read)} {found.source.name} file(s) read by Ray tasks"
         else:
-            inputs = plan_mod.iter_inputs(url, storage_options=input_opts, skipped=skipped)
+            inputs = found.source.list_inputs(found.target, skipped=skipped)
             parts = plan_mod.plan_inputs(
                 inputs, plan_url=plan_url, unit_size=unit_size, storage_options=plan_opts
             )
-            how = "listed"
+            how = f"{found.source.name} listed"
         if not parts:
-            raise JobError(
-                f"no inputs found at {url} (looked for *.jpg, *.jpeg, *.png, *.bmp, *.tif, *.tiff, *.webp "
-                "and *.tar)"
-            )
+            looked = ", ".join(f"*{ext}" for ext in sorted(IMAGE_EXTENSIONS))
+            raise JobError(f"no inputs found at {url} (looked for {looked} and *.tar)")
         plan = plan_mod.write_index(
             plan_url, parts, unit_size=unit_size, skipped=dict(skipped), storage_options=plan_opts
         )
@@ -436,7 +269,23 @@ def _execute(
 ) -> None:
     import ray
 
-    batch_size = batch_size_for(cfg.model.batch_size, res.device)
+    settings = WorkerSettings(
+        spec=spec,
+        output_url=out.url_of(),
+        score_threshold=cfg.model.score_threshold,
+        run_id=run_id,
+        max_detections=cfg.model.max_detections,
+        device=res.device,
+        threads=res.threads_per_actor,
+        io_threads=res.io_threads,
+        max_pixels=cfg.input.max_pixels,
+        batch_size=batch_size_for(cfg.model.batch_size, res.device),
+        precision=cfg.model.precision,
+        on_image_error=cfg.on_image_error,
+        output_options=cfg.output.storage_options(),
+        input_options=cfg.input.storage_options(),
+        weights_options=cfg.model.storage_options(),
+    )
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False  # the driver prints its own progress lines (below)
     # An actor's own error (a storage failure's one line, an ImageError) reaches the driver as itself, not as Ray
@@ -444,8 +293,10 @@ def _execute(
     ctx.raise_original_map_exception = True
     items = plan_mod.pending_parts(plan, done)
     ds = ray.data.from_items(items, override_num_blocks=len(items))
-    ds = ds.flat_map(
-        plan_mod.expand_part,
+    ds = ds.map_batches(
+        expand_parts,
+        batch_size=1,
+        batch_format="pyarrow",
         fn_kwargs={
             "plan_url": plan.url,
             "unit_size": plan.unit_size,
@@ -462,23 +313,7 @@ def _execute(
         compute=ray.data.ActorPoolStrategy(min_size=res.min_actors, max_size=res.max_actors),
         num_cpus=res.cpus_per_actor,
         num_gpus=res.gpus_per_actor,
-        fn_constructor_kwargs=dict(
-            spec=spec,
-            score_threshold=cfg.model.score_threshold,
-            output_url=out.url_of(),
-            max_detections=cfg.model.max_detections,
-            device=res.device,
-            threads=res.threads_per_actor,
-            io_threads=res.io_threads,
-            max_pixels=cfg.input.max_pixels,
-            batch_size=batch_size,
-            precision=cfg.model.precision,
-            on_image_error=cfg.on_image_error,
-            run_id=run_id,
-            output_options=cfg.output.storage_options(),
-            input_options=cfg.input.storage_options(),
-            weights_storage_options=cfg.model.storage_options(),
-        ),
+        fn_constructor_kwargs={"settings": settings},
     )
     seen = (
         done.copy()
@@ -500,7 +335,7 @@ def _execute(
 
     # Images are counted when their unit commits (the driver hears of nothing smaller); tar shards' image counts
     # are known only once read, so a plan with shards has no total to show.
-    total = plan.inputs if all(p.kind == "files" for p in plan.parts) else None
+    total = plan.inputs if all(p.kind is Kind.FILES for p in plan.parts) else None
     progress = Progress(
         "segment",
         total,
@@ -537,7 +372,7 @@ def _execute(
 
 
 def _unfinished(seen: np.ndarray) -> list[str]:
-    return [plan_mod.unit_id(int(o)) for o in np.flatnonzero(~seen)]
+    return [unit_id(int(o)) for o in np.flatnonzero(~seen)]
 
 
 def _describe(cause: BaseException) -> str:

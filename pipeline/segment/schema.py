@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import pyarrow as pa
 
-# The names under --output (see pipeline/segment/write.py for what each holds).
+# The names under --output (what each holds: docs/segment-job.md, "Output layout").
 IMAGES_DIR = "images"
 DETECTIONS_DIR = "detections"
 COMMITTED_DIR = "_committed"
@@ -34,6 +34,10 @@ IMAGES_SCHEMA = pa.schema(
         ("width", pa.int32()),
         ("num_detections", pa.int32()),  # rows in detections/ for this image (0 on error)
         ("bytes", pa.int64()),  # size of the encoded input, null when it could not be read
+        # The input object's identity when it was read, as the store reports it: `etag=<ETag>` (S3 and other stores
+        # with ETags), else `size=<bytes> mtime=<ISO-8601 UTC>` (local files); a tar member carries its shard's.
+        # Null when the input could not be read, and in files written before the column existed.
+        ("source_version", pa.string()),
         ("decode_ms", pa.float32()),
         ("infer_ms", pa.float32()),  # this image's share of its batch's model + postprocess time
         ("unit_id", pa.string()),  # the work unit (commit granularity) this input belongs to
@@ -41,6 +45,18 @@ IMAGES_SCHEMA = pa.schema(
         ("run_id", pa.string()),
     ]
 )
+
+# Set by the writer, the same on every row of one file.
+FILE_COLUMNS = ("unit_id", "model_id", "run_id")
+# What an input fills by name (`pipeline.segment.writer.UnitWriter.add`); the writer sets the rest (its uri, status,
+# error, detection count and FILE_COLUMNS).
+INPUT_COLUMNS = frozenset(IMAGES_SCHEMA.names) - {
+    "image_uri",
+    "status",
+    "error",
+    "num_detections",
+    *FILE_COLUMNS,
+}
 
 DETECTION_FIELDS = [
     ("instance", pa.int32()),  # 0-based index within the image, score-descending
@@ -51,7 +67,6 @@ DETECTION_FIELDS = [
     ("area", pa.int64()),  # mask pixels
     ("mask", MASK_TYPE),
 ]
-DETECTION_STRUCT = pa.struct(DETECTION_FIELDS)
 
 DETECTIONS_SCHEMA = pa.schema(
     [("image_uri", pa.string()), *DETECTION_FIELDS, ("model_id", pa.string()), ("run_id", pa.string())]

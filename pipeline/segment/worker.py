@@ -1,17 +1,15 @@
 """The inference actor: one work unit per call — read → decode → infer → write — returning the unit's counts.
 
 Under Ray Data it is the class given to `map_batches` on an actor pool, one instance per actor (per GPU). Callable
-without Ray on a list of unit rows, which is how the tests drive it. Work overlaps on threads:
+without Ray on a `units_table(...)` or one `Unit` at a time (`process`), which is how the tests drive it. Work overlaps on threads:
 `pipeline.segment.read` fetches and decodes the next inputs on `io_threads` threads; the main thread runs the model
 forward on a batch; on a GPU, one post-processing thread turns the previous batch's outputs into masks and RLE
 strings and hands every row to the unit's writer, in input order.
 
-The actor writes the unit's files itself (`pipeline.segment.write.UnitWriter`), so rows never travel to the
+The actor writes the unit's files itself (`pipeline.segment.writer.UnitWriter`), so rows never travel to the
 driver: it returns one small row of counts per unit.
 
-Per-image failures follow a named policy (`on_image_error`):
-- `"record"` (default): the image becomes an `images` row with `status="error"` and the reason; the unit goes on.
-- `"raise"`: the first bad image fails the job (for debugging a pipeline on known-good data).
+Per-image failures follow the named policy `settings.on_image_error` (`pipeline.segment.settings.ERROR_POLICIES`).
 """
 
 from __future__ import annotations
@@ -21,13 +19,12 @@ from concurrent.futures import Future, ThreadPoolExecutor
 
 import pyarrow as pa
 
-from model.build import ModelSpec
 from pipeline.segment.infer import Segmenter
-from pipeline.segment.plan import Unit
 from pipeline.segment.read import Decoded, decoded_inputs
-from pipeline.segment.write import Output, UnitStats, UnitWriter, stats_table
-
-ERROR_POLICIES = ("record", "raise")
+from pipeline.segment.settings import WorkerSettings
+from pipeline.segment.storage import Output
+from pipeline.segment.units import Unit, UnitStats, stats_table, units_from_table
+from pipeline.segment.writer import UnitWriter
 
 
 class ImageError(RuntimeError):
@@ -35,72 +32,45 @@ class ImageError(RuntimeError):
 
 
 class SegmentWorker:
-    def __init__(
-        self,
-        *,
-        spec: ModelSpec,
-        score_threshold: float,
-        output_url: str,
-        max_detections: int = 100,
-        device: str = "cpu",
-        threads: int | None = None,
-        io_threads: int = 16,
-        max_pixels: int = 100_000_000,
-        batch_size: int = 4,
-        precision: str = "auto",
-        mask_route: str = "auto",
-        overlap: bool | None = None,
-        on_image_error: str = "record",
-        run_id: str = "",
-        output_options: dict | None = None,
-        input_options: dict | None = None,
-        weights_storage_options: dict | None = None,
-    ):
-        if on_image_error not in ERROR_POLICIES:
-            raise ValueError(f"on_image_error must be one of {ERROR_POLICIES}, got {on_image_error!r}")
+    def __init__(self, settings: WorkerSettings):
+        self.settings = settings
         self.segmenter = Segmenter(
-            spec=spec,
-            score_threshold=score_threshold,
-            max_detections=max_detections,
-            device=device,
-            threads=threads,
-            precision=precision,
-            mask_route=mask_route,
-            weights_storage_options=weights_storage_options,
+            spec=settings.spec,
+            score_threshold=settings.score_threshold,
+            max_detections=settings.max_detections,
+            device=settings.device,
+            threads=settings.threads,
+            precision=settings.precision,
+            mask_route=settings.mask_route,
+            weights_storage_options=settings.weights_options,
         )
-        self.spec, self.run_id = spec, run_id
-        self.output = Output(output_url, storage_options=output_options)
-        self.input_options = dict(input_options or {})
-        self.output_options = dict(output_options or {})
-        self.io_threads, self.max_pixels = io_threads, max_pixels
-        self.batch_size, self.on_image_error = batch_size, on_image_error
-        # None: overlap on GPUs only (see `process`); tests set it to run the GPU layout on a CPU.
+        self.output = Output(settings.output_url, storage_options=settings.output_options)
+        overlap = settings.overlap
         self.overlap = self.segmenter.device.type == "cuda" if overlap is None else overlap
 
-    def __call__(self, batch: pa.Table | dict) -> pa.Table:
-        """Rows of `Unit`s (Arrow table or dict of columns) → one `STATS_SCHEMA` row per unit, once it is committed."""
-        cols = batch.to_pydict() if isinstance(batch, pa.Table) else {k: list(v) for k, v in batch.items()}
-        units = [Unit(**{k: cols[k][i] for k in cols}) for i in range(len(cols["unit_id"]))]
-        return stats_table([self.process(u) for u in units])
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        """`UNIT_SCHEMA` rows → one `STATS_SCHEMA` row per unit, once it is committed."""
+        return stats_table([self.process(u) for u in units_from_table(batch)])
 
     def process(self, unit: Unit) -> UnitStats:
         """Segment every input of `unit` and commit its files; returns the unit's counts."""
+        s = self.settings
         writer = UnitWriter(
             self.output,
             unit.unit_id,
-            model_id=self.spec.model_id,
-            run_id=self.run_id,
-            class_names=list(self.spec.class_names),
+            model_id=s.spec.model_id,
+            run_id=s.run_id,
+            class_names=list(s.spec.class_names),
         )
         inputs = decoded_inputs(
             unit,
-            input_options=self.input_options,
-            plan_options=self.output_options,
-            max_pixels=self.max_pixels,
-            min_size=self.spec.min_size,
-            max_size=self.spec.max_size,
-            threads=self.io_threads,
-            depth=max(2 * self.io_threads, 2 * self.batch_size),
+            input_options=s.input_options,
+            plan_options=s.output_options,
+            max_pixels=s.max_pixels,
+            min_size=s.spec.min_size,
+            max_size=s.spec.max_size,
+            threads=s.io_threads,
+            depth=max(2 * s.io_threads, 2 * s.batch_size),
             pin_memory=self.segmenter.device.type == "cuda",
         )
         # On a GPU, one post-processing thread: the model (main thread) goes on with the next batch while the last
@@ -115,7 +85,7 @@ class SegmentWorker:
                     pending.append(post.submit(self._fail, writer, item, item.error))
                 else:
                     batch.append(item)
-                if len(batch) >= self.batch_size:
+                if len(batch) >= s.batch_size:
                     pending.append(self._infer(post, writer, batch))
                     batch = []
                 pending = _raise_done(pending)
@@ -160,7 +130,7 @@ class SegmentWorker:
                 _add(writer, item, infer_ms=share_ms, detections=result)
 
     def _fail(self, writer: UnitWriter, item: Decoded, reason: str, *, infer_ms: float | None = None) -> None:
-        if self.on_image_error == "raise":
+        if self.settings.on_image_error == "raise":
             raise ImageError(f"{item.image_uri}: {reason}")
         _add(writer, item, infer_ms=infer_ms, error=reason)
 
@@ -195,12 +165,4 @@ def _raise_done(pending: list[Future]) -> list[Future]:
 
 
 def _add(writer: UnitWriter, item: Decoded, **outcome) -> None:
-    writer.add(
-        item.index,
-        item.image_uri,
-        nbytes=item.nbytes,
-        height=item.height,
-        width=item.width,
-        decode_ms=item.decode_ms,
-        **outcome,
-    )
+    writer.add(item.index, item.image_uri, **item.columns, **outcome)

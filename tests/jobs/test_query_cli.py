@@ -17,7 +17,8 @@ from PIL import Image
 
 from model.decode import decode_image
 from pipeline.results.open import open_results
-from pipeline.results.query import masks, sql
+from pipeline.results.render import masks
+from pipeline.results.sql import sql
 from pipeline.segment.config import segment_config
 from pipeline.segment.run import segment
 from tests.conftest import TINY_MODEL

@@ -1,4 +1,4 @@
-"""Which Ray a job uses (jobs/_cli.py's init_ray), run as real processes with a Ray temp dir of their own.
+"""Which Ray a job uses (jobs/_ray.py's init_ray), run as real processes with a Ray temp dir of their own.
 
 Issue 14: a plain `ray.init()` joins the latest cluster recorded on the machine (`<RAY_TMPDIR>/ray/ray_current_cluster`),
 so after a `ray start --head` cluster died without `ray stop` the next job waited for it for minutes, silently.
@@ -28,18 +28,18 @@ ROOT = Path(__file__).resolve().parents[2]
 JOBS = ROOT / "jobs"
 
 # A job shaped like ours (init_ray + run_main): argv[1] is the --ray-address ('' for none), argv[2] an optional
-# RAY_CONNECT_TIMEOUT_S for the test that needs the bounded wait to end sooner than the real 60 s.
+# RAY_CONNECT_TIMEOUT_S (jobs/_ray.py) for the test that needs the bounded wait to end sooner than the real 60 s.
 TINY_JOB = textwrap.dedent(
     f"""
     import sys
     sys.path.insert(0, {str(JOBS)!r})
-    import _cli
     from _cli import init_ray, run_main
+    from jobs import _ray
 
     def main():
         import ray
         if len(sys.argv) > 2:
-            _cli.RAY_CONNECT_TIMEOUT_S = float(sys.argv[2])
+            _ray.RAY_CONNECT_TIMEOUT_S = float(sys.argv[2])
         init_ray(sys.argv[1] or None)
         print("ray says", ray.get(ray.remote(lambda: 1).remote()), flush=True)
         print("gcs", ray.get_runtime_context().gcs_address, flush=True)

@@ -7,7 +7,7 @@ import sys
 
 import pyarrow.dataset as pads
 
-from tests.conftest import free_port
+from tests.support.s3 import free_port
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 SCRIPT = os.path.join(ROOT, "jobs", "segment_archive.py")

@@ -5,7 +5,7 @@ import pytest
 from PIL import Image
 
 from model.decode import DecodeError, decode_image
-from tests.conftest import jpeg_bytes, png_bytes
+from tests.support.images import jpeg_bytes, png_bytes
 
 CAP = 10_000_000
 

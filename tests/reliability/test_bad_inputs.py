@@ -26,9 +26,9 @@ import pytest
 from PIL import Image
 
 from pipeline.segment.config import segment_config
-from pipeline.segment.plan import iter_inputs
-from pipeline.segment.read import read_inputs
+from pipeline.segment.read import decoded_inputs
 from pipeline.segment.run import segment
+from pipeline.segment.sources import iter_inputs
 from tests.conftest import TINY_MODEL, plan_units
 
 MAX_PIXELS = 1_000_000
@@ -272,7 +272,7 @@ def test_local_file_deleted_after_planning_and_unreadable_file(tmp_path):
     try:
         # root reads a mode-000 file anyway; then the S3 case above is what covers "access denied".
         denied = not os.access(root / "locked.jpg", os.R_OK)
-        rows = {r.image_uri: r for r in read_inputs(units[0])}
+        rows = {r.image_uri: r for r in decoded_inputs(units[0], max_pixels=10**8, min_size=16, max_size=64)}
     finally:
         (root / "locked.jpg").chmod(0o644)
     assert len(rows) == 4  # the deleted file was planned: it still has its row
@@ -281,6 +281,6 @@ def test_local_file_deleted_after_planning_and_unreadable_file(tmp_path):
     if denied:
         assert locked.error.startswith(f"read failed: {root / 'locked.jpg'}: access denied")
     else:
-        assert locked.error is None and locked.data == _jpeg
-    assert rows[str(root / "café ñ 日本 [1] #2.png")].data == _png
-    assert rows[str(root / "my holiday photo.jpg")].data == _jpeg
+        assert locked.error is None and locked.columns["bytes"] == len(_jpeg)
+    assert rows[str(root / "café ñ 日本 [1] #2.png")].columns["bytes"] == len(_png)
+    assert rows[str(root / "my holiday photo.jpg")].columns["bytes"] == len(_jpeg)

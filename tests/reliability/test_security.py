@@ -25,7 +25,8 @@ from model.checkpoint import FORMAT, CheckpointError, load_checkpoint
 from pipeline.errors import JobError
 from pipeline.segment.config import segment_config
 from pipeline.segment.run import segment
-from tests.conftest import TINY_MODEL, jpeg_bytes
+from tests.conftest import TINY_MODEL
+from tests.support.images import jpeg_bytes
 
 ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = ROOT / "jobs" / "segment_archive.py"

@@ -6,19 +6,17 @@ completes with exactly one ok row per input. Permanent ones (a bucket that does 
 policy, an endpoint where nothing listens) end the CLI with exit status 1 and ONE line `error: ... <url>: <cause>`,
 and nothing claims completion: no `_SUCCESS.json`, and every `_committed/` record's files are whole.
 
-The proxy (`tests/s3proxy.FaultyS3`) forwards each request to moto unless a rule (`Fault`) picks it; see there for the
+The proxy (`tests/support/s3proxy.FaultyS3`) forwards each request to moto unless a rule (`Fault`) picks it; see there for the
 kinds of failure and how requests are picked.
 """
 
 from __future__ import annotations
 
-import io
 import json
 import os
 import re
 import subprocess
 import sys
-import tarfile
 import tempfile
 import threading
 import time
@@ -30,11 +28,14 @@ import pytest
 from pipeline import retry
 from pipeline.errors import JobError
 from pipeline.segment.config import segment_config
-from pipeline.segment.plan import InputRef, iter_inputs
-from pipeline.segment.read import read_inputs
+from pipeline.segment.read import decoded_inputs
 from pipeline.segment.run import segment
-from tests.conftest import TINY_MODEL, free_port, jpeg_bytes, plan_units
-from tests.s3proxy import KINDS, Fault, FaultyS3
+from pipeline.segment.sources import InputRef, iter_inputs
+from pipeline.segment.units import Kind
+from tests.conftest import TINY_MODEL, plan_units
+from tests.support.images import jpeg_bytes, tar_bytes
+from tests.support.s3 import free_port
+from tests.support.s3proxy import KINDS, Fault, FaultyS3
 
 ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = ROOT / "jobs" / "segment_archive.py"
@@ -91,16 +92,6 @@ PHOTOS = [f"p{i:02d}.jpg" for i in range(10)]
 MEMBERS = ["m0.jpg", "m1.jpg", "m2.jpg"]
 
 
-def tar_bytes(members: dict[str, bytes]) -> bytes:
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w") as tf:
-        for name, data in members.items():
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tf.addfile(info, io.BytesIO(data))
-    return buf.getvalue()
-
-
 @pytest.fixture(scope="module")
 def archive(moto_server) -> str:
     """A bucket on moto (not behind the proxy) holding archive/photos/*.jpg and archive/shards/s0.tar."""
@@ -123,11 +114,11 @@ def test_reads_that_outlast_the_libraries_retries_are_retried_not_error_rows(
     row (a loose file) or a broken-off shard; with it, every input is read whole. Read tasks' code, without Ray."""
     bucket = archive
     refs = [
-        InputRef("file", f"s3://{bucket}/archive/photos/{n}", f"s3://{bucket}/archive/photos/{n}")
+        InputRef(Kind.FILES, f"s3://{bucket}/archive/photos/{n}", f"s3://{bucket}/archive/photos/{n}")
         for n in PHOTOS[:3]
     ]
     shard = f"s3://{bucket}/archive/shards/s0.tar"
-    units = plan_units([*refs, InputRef("tar", shard, shard)], plan_url=str(tmp_path / "plan"), unit_size=3)
+    units = plan_units([*refs, InputRef(Kind.TARS, shard, shard)], plan_url=str(tmp_path / "plan"), unit_size=3)
     faults = [
         Fault("GET", r"/photos/p01\.jpg$", times=6, kinds=("cut",)),
         Fault("GET", r"/s0\.tar$", times=6, kinds=("cut",)),
@@ -138,7 +129,7 @@ def test_reads_that_outlast_the_libraries_retries_are_retried_not_error_rows(
 
         s3fs.S3FileSystem.clear_instance_cache()
         opts = {"client_kwargs": {"endpoint_url": proxy.endpoint}}
-        return {r.image_uri: r for u in units for r in read_inputs(u, input_options=opts)}
+        return {r.image_uri: r for u in units for r in decoded_inputs(u, input_options=opts, max_pixels=10**8, min_size=16, max_size=64)}
 
     monkeypatch.setattr(retry, "ATTEMPTS", 0)  # only the libraries' own retries
     with FaultyS3(moto_server, faults) as proxy:
@@ -157,7 +148,7 @@ def test_reads_that_outlast_the_libraries_retries_are_retried_not_error_rows(
     expected = [f"s3://{bucket}/archive/photos/{n}" for n in PHOTOS[:3]]
     expected += [f"s3://{bucket}/archive/shards/s0.tar#{m}" for m in MEMBERS]
     assert sorted(rows) == sorted(expected)  # no shard row: the shard was read to its end
-    assert all(r.error is None and r.data for r in rows.values())
+    assert all(r.error is None and r.columns["bytes"] for r in rows.values())
     assert sorted(r.index for r in rows.values() if "#" in r.image_uri) == [0, 1, 2]
 
 

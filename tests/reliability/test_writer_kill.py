@@ -4,7 +4,7 @@ after both data files — and the unit is written again: by Ray's retry within t
 died, by the next run when the whole job died. Either way every input ends with exactly one `images` row and its
 detections exactly once.
 
-The output is on moto's S3 behind `tests/s3proxy.FaultyS3`, which stalls one upload (the detections file of unit 1,
+The output is on moto's S3 behind `tests/support/s3proxy.FaultyS3`, which stalls one upload (the detections file of unit 1,
 its first attempt): the moment the proxy holds it is a writer mid-write, known exactly rather than raced for.
 """
 
@@ -22,7 +22,7 @@ from pipeline.segment.config import segment_config
 from pipeline.segment.run import segment
 from tests.conftest import TINY_MODEL
 from tests.reliability.segment_job import UNIT_SIZE, Job, assert_exactly_once
-from tests.s3proxy import Fault, FaultyS3
+from tests.support.s3proxy import Fault, FaultyS3
 
 HELD = r"/out/detections/part-00000001\.parquet$"
 

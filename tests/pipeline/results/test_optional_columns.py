@@ -1,4 +1,4 @@
-"""Results written by another tool: only the required columns (`query.REQUIRED`), or one of those missing.
+"""Results written by another tool: only the required columns (`common.REQUIRED`), or one of those missing.
 
 pyarrow reads a column a Parquet file lacks as nulls; render, summary and SQL must still answer (detections ordered
 and coloured by descending score without `instance`), and a missing required column is one `QueryError` line
@@ -14,20 +14,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from pipeline.results.common import REQUIRED, QueryError
 from pipeline.results.open import open_results
-from pipeline.results.query import (
-    ALPHA,
-    PALETTE,
-    REQUIRED,
-    QueryError,
-    detections_of,
-    format_summary,
-    masks,
-    render,
-    render_sample,
-    sql,
-    summary,
-)
+from pipeline.results.render import ALPHA, PALETTE, detections_of, masks, render, render_sample
+from pipeline.results.sql import sql
+from pipeline.results.summary import format_summary, summary
 from pipeline.segment.schema import DETECTIONS_SCHEMA, IMAGES_SCHEMA
 from tests.pipeline.results.test_query import box_mask, detection, disc_mask, gradient, image, png
 

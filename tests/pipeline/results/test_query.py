@@ -1,6 +1,6 @@
 """Querying results: SQL, summary, masks and overlays over results folders built with the real schemas and writer.
 
-The folders are written with `pipeline.segment.write.Output` and the output schemas from masks of known shapes encoded by
+The folders are written with `pipeline.segment.storage.Output` and the output schemas from masks of known shapes encoded by
 pycocotools, so every expected value is exact; the same folder is built locally and on moto's S3 server. (The CLI
 tests also query what the real segment job wrote.)
 """
@@ -23,19 +23,14 @@ from pycocotools import mask as mask_utils
 
 from model.decode import decode_image
 from pipeline.errors import JobError
+from pipeline.results.common import QueryError
 from pipeline.results.open import open_results
-from pipeline.results.query import (
-    QueryError,
-    format_summary,
-    masks,
-    render,
-    render_sample,
-    sql,
-    summary,
-    write_table,
-)
+from pipeline.results.render import masks, render, render_sample
+from pipeline.results.sql import sql, write_table
+from pipeline.results.summary import format_summary, summary
 from pipeline.segment.schema import DETECTIONS_SCHEMA, IMAGES_SCHEMA
-from pipeline.segment.write import Output, parquet_bytes
+from pipeline.segment.storage import Output
+from pipeline.segment.writer import parquet_bytes
 
 MODEL_ID = "random-init:test"
 

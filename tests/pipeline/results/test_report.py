@@ -13,10 +13,11 @@ import pytest
 import s3fs
 
 from pipeline.results.open import open_results
-from pipeline.results.query import summary
 from pipeline.results.report import write_report
+from pipeline.results.summary import summary
 from pipeline.segment.schema import DETECTIONS_SCHEMA, IMAGES_SCHEMA
-from pipeline.segment.write import Output, parquet_bytes
+from pipeline.segment.storage import Output
+from pipeline.segment.writer import parquet_bytes
 from tests.pipeline.results.test_query import box_mask, build_results, detection, gradient, image, png
 
 HOSTILE_OK = '"><img src=x onerror=alert(1)>.png'  # a file name: no `/`

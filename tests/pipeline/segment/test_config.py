@@ -100,7 +100,7 @@ def test_shipped_config_is_valid_and_complete():
 
 
 def test_batch_size_auto_is_one_on_cpu_and_four_on_gpu():
-    from pipeline.segment.run import batch_size_for
+    from pipeline.segment.settings import batch_size_for
 
     cfg = segment_config({"input": {"url": "a/"}, "output": {"url": "b/"}, "model": {"batch_size": "auto"}})
     assert cfg.model.batch_size is None

@@ -11,8 +11,8 @@ import s3fs
 
 from pipeline.errors import JobError
 from pipeline.segment.lease import Lease
-from pipeline.segment.write import Output
-from tests.s3proxy import Fault, FaultyS3
+from pipeline.segment.storage import Output
+from tests.support.s3proxy import Fault, FaultyS3
 
 
 def output(endpoint: str, bucket: str) -> Output:

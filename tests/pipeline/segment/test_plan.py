@@ -7,18 +7,11 @@ from collections import Counter
 import numpy as np
 import pytest
 
-from pipeline.segment.plan import (
-    InputRef,
-    Unit,
-    expand_part,
-    iter_inputs,
-    load_plan,
-    pending_parts,
-    plan_inputs,
-    write_index,
-)
-from pipeline.segment.read import read_inputs
-from tests.conftest import jpeg_bytes
+from pipeline.segment.plan import load_plan, pending_parts, plan_inputs, write_index
+from pipeline.segment.read import decoded_inputs
+from pipeline.segment.sources import InputRef, iter_inputs
+from pipeline.segment.units import Kind, expand_parts, units_from_table
+from tests.support.images import jpeg_bytes
 
 
 def _tree(root):
@@ -41,7 +34,7 @@ def test_folder_recursive_case_insensitive_breadth_first(tmp_path, monkeypatch):
         "arch/a/b/three.Tiff",
         "arch/a/b/with space é.jpeg",
     ]
-    assert all(r.kind == "file" and os.path.isabs(r.read_url) for r in refs)
+    assert all(r.kind is Kind.FILES and os.path.isabs(r.read_url) for r in refs)
     # an absolute input gives absolute names
     assert all(os.path.isabs(r.image_uri) for r in iter_inputs(str(tmp_path / "arch")))
 
@@ -77,27 +70,38 @@ def plan(refs, tmp_path, unit_size):
     )
     done = np.zeros(p.units, dtype=bool)
     items = pending_parts(p, done)
-    return p, [Unit(**u) for item in items for u in expand_part(item, plan_url=p.url, unit_size=unit_size)]
+    return p, _expand(items, p, unit_size)
+
+
+def _expand(items, p, unit_size):
+    import pyarrow as pa
+
+    if not items:
+        return []
+    return units_from_table(expand_parts(pa.Table.from_pylist(items), plan_url=p.url, unit_size=unit_size))
 
 
 def _read_all(unit):
-    return [dataclasses.asdict(r) for r in read_inputs(unit, threads=3)]
+    return [
+        {**dataclasses.asdict(r), **r.columns}
+        for r in decoded_inputs(unit, max_pixels=10**8, min_size=16, max_size=64, threads=3)
+    ]
 
 
 def test_plan_and_read_files_unit(tmp_path):
     root = _tree(tmp_path / "arch")
     (root / "a" / "gone.jpg").write_bytes(b"q")
     p, units = plan(iter_inputs(str(root)), tmp_path, unit_size=2)
-    assert [u.count for u in units] == [2, 2, 1] and all(u.kind == "files" for u in units)
+    assert [u.count for u in units] == [2, 2, 1] and all(u.kind is Kind.FILES for u in units)
     assert [u.unit_id for u in units] == ["00000000", "00000001", "00000002"]
     assert load_plan(p.url) == p and (p.inputs, p.units) == (5, 3)
     os.remove(root / "a" / "gone.jpg")  # deleted between listing and reading
     rows = [r for u in units for r in _read_all(u)]
     assert len(rows) == 5 and [r["index"] for r in rows] == [0, 1, 0, 1, 0]
     gone = [r for r in rows if r["image_uri"].endswith("gone.jpg")][0]
-    assert gone["data"] is None and gone["error"].startswith("read failed:") and "not found" in gone["error"]
+    assert gone.get("bytes") is None and gone["error"].startswith("read failed:") and "not found" in gone["error"]
     ok = [r for r in rows if r["image_uri"].endswith("one.JPG")][0]
-    assert ok["data"] == (root / "one.JPG").read_bytes()
+    assert ok["error"] is None and ok["bytes"] == len((root / "one.JPG").read_bytes())
 
 
 def test_units_already_done_are_not_expanded(tmp_path):
@@ -108,9 +112,7 @@ def test_units_already_done_are_not_expanded(tmp_path):
     p, units = plan(iter_inputs(str(root)), tmp_path, unit_size=3)
     assert [u.count for u in units] == [3, 3, 3, 2]
     done = np.array([True, False, True, False])
-    left = [
-        Unit(**u) for item in pending_parts(p, done) for u in expand_part(item, plan_url=p.url, unit_size=3)
-    ]
+    left = _expand(pending_parts(p, done), p, 3)
     assert [u.unit_id for u in left] == ["00000001", "00000003"]
     assert pending_parts(p, np.ones(4, dtype=bool)) == []
     # A unit reads exactly its own inputs (its row group of the plan part).
@@ -123,10 +125,10 @@ def test_tar_shards_members_named_and_shard_rows(tmp_path):
     _tar(root / "s-000.tar", [("x/1.jpg", b"a"), ("x/1.json", b"{}"), ("x/2.PNG", b"b")])
     _tar(root / "s-001.tar", [("meta.json", b"{}")])
     _, units = plan(iter_inputs(str(root)), tmp_path, unit_size=10)
-    assert [u.kind for u in units] == ["tar", "tar"]
+    assert [u.kind for u in units] == [Kind.TARS, Kind.TARS]
     t0 = _read_all(units[0])
     assert [r["image_uri"] for r in t0] == [f"{root}/s-000.tar#x/1.jpg", f"{root}/s-000.tar#x/2.PNG"]
-    assert [r["data"] for r in t0] == [b"a", b"b"] and [r["index"] for r in t0] == [0, 1]
+    assert [r["bytes"] for r in t0] == [1, 1] and [r["index"] for r in t0] == [0, 1]
     t1 = _read_all(units[1])  # a shard without images is one error row, named by the shard
     assert len(t1) == 1 and t1[0]["image_uri"] == f"{root}/s-001.tar" and "no image" in t1[0]["error"]
 
@@ -138,7 +140,7 @@ def test_truncated_tar_keeps_members_read_and_reports_shard(tmp_path):
     path.write_bytes(data[:3000])  # cut inside the second member
     _, units = plan(iter_inputs(str(path)), tmp_path, unit_size=10)
     rows = _read_all(units[0])
-    assert rows[0]["image_uri"].endswith("#1.jpg") and rows[0]["data"] == b"a" * 2000
+    assert rows[0]["image_uri"].endswith("#1.jpg") and rows[0]["bytes"] == 2000
     assert rows[-1]["image_uri"] == str(path) and "tar" in rows[-1]["error"]
     assert [r["index"] for r in rows] == list(range(len(rows)))
 
@@ -192,9 +194,9 @@ def test_manifest_naming_a_file_twice_lists_it_once(tmp_path):
     skipped: Counter = Counter()
     refs = list(iter_inputs(str(manifest), skipped=skipped))
     assert [(r.kind, r.image_uri) for r in refs] == [
-        ("file", str(root / "one.JPG")),
-        ("file", str(root / "a" / "two.png")),
-        ("tar", str(root / "s.tar")),
+        (Kind.FILES, str(root / "one.JPG")),
+        (Kind.FILES, str(root / "a" / "two.png")),
+        (Kind.TARS, str(root / "s.tar")),
     ]
     assert skipped == {"duplicate manifest lines": 3}
 
@@ -222,8 +224,8 @@ def test_csv_and_parquet_manifests(tmp_path):
     pq.write_table(pa.table({"Bucket": ["b1", "b1"], "Key": ["x/1.jpg", "y/shard.tar"]}), keys)
     refs = list(iter_inputs(str(keys)))
     assert [(r.kind, r.image_uri, r.read_url) for r in refs] == [
-        ("file", "s3://b1/x/1.jpg", "s3://b1/x/1.jpg"),
-        ("tar", "s3://b1/y/shard.tar", "s3://b1/y/shard.tar"),
+        (Kind.FILES, "s3://b1/x/1.jpg", "s3://b1/x/1.jpg"),
+        (Kind.TARS, "s3://b1/y/shard.tar", "s3://b1/y/shard.tar"),
     ]
 
     bad = root / "bad.csv"
@@ -239,8 +241,8 @@ def test_csv_and_parquet_manifests(tmp_path):
 def test_plan_parts_hold_whole_units_and_the_index_numbers_them(tmp_path):
     from pipeline.segment import plan as plan_mod
 
-    refs = [InputRef("file", f"/x/{i:05d}.jpg", f"{i:05d}.jpg") for i in range(50)]
-    refs.insert(7, InputRef("tar", "/x/s.tar", "s.tar"))
+    refs = [InputRef(Kind.FILES, f"/x/{i:05d}.jpg", f"{i:05d}.jpg") for i in range(50)]
+    refs.insert(7, InputRef(Kind.TARS, "/x/s.tar", "s.tar"))
     original = plan_mod.PART_UNITS
     plan_mod.PART_UNITS = 2  # parts of 2 units of 4: 8 rows
     try:
@@ -248,10 +250,10 @@ def test_plan_parts_hold_whole_units_and_the_index_numbers_them(tmp_path):
     finally:
         plan_mod.PART_UNITS = original
     assert [(part.kind, part.inputs, part.units) for part in p.parts] == [
-        *[("files", 8, 2)] * 6,
-        ("files", 2, 1),
-        ("tars", 1, 1),
+        *[(Kind.FILES, 8, 2)] * 6,
+        (Kind.FILES, 2, 1),
+        (Kind.TARS, 1, 1),
     ]
     assert [u.unit_id for u in units] == [f"{i:08d}" for i in range(14)]
-    assert units[-1].kind == "tar" and units[-1].location == "/x/s.tar"
+    assert units[-1].kind is Kind.TARS and units[-1].location == "/x/s.tar"
     assert [r["image_uri"] for r in _read_all(units[12])] == ["00048.jpg", "00049.jpg"]

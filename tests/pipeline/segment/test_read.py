@@ -3,9 +3,11 @@
 import numpy as np
 
 from model.decode import DecodeError, decode_image
-from pipeline.segment.plan import InputRef
 from pipeline.segment.read import decoded_inputs
-from tests.conftest import jpeg_bytes, plan_units, png_bytes
+from pipeline.segment.sources import InputRef
+from pipeline.segment.units import Kind
+from tests.conftest import plan_units
+from tests.support.images import jpeg_bytes, png_bytes
 
 MAX_PIXELS = 50_000
 
@@ -23,12 +25,12 @@ def test_decoded_on_read_threads_equals_the_decoder_called_directly(tmp_path):
     }
     for name, data in files.items():
         (tmp_path / name).write_bytes(data)
-    refs = [InputRef("file", str(tmp_path / n), n) for n in files]
+    refs = [InputRef(Kind.FILES, str(tmp_path / n), n) for n in files]
     [unit] = plan_units(refs, plan_url=str(tmp_path / "plan"), unit_size=100)
     got = list(decoded_inputs(unit, max_pixels=MAX_PIXELS, min_size=64, max_size=128, threads=4))
     assert [d.image_uri for d in got] == list(files) and [d.index for d in got] == list(range(len(files)))
     for d, data in zip(got, files.values()):
-        assert d.nbytes == len(data)
+        assert d.columns["bytes"] == len(data)
         try:
             want = decode_image(data, max_pixels=MAX_PIXELS)
         except DecodeError as e:

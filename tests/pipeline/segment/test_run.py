@@ -10,7 +10,8 @@ import pytest
 from pipeline.config import ConfigError
 from pipeline.errors import JobError
 from pipeline.segment.config import ComputeConfig, segment_config
-from pipeline.segment.run import plan_resources, segment
+from pipeline.segment.resources import plan_resources
+from pipeline.segment.run import segment
 from tests.conftest import TINY_MODEL
 
 
@@ -128,7 +129,7 @@ def test_a_second_run_on_a_leased_local_output_is_refused_at_once(ray_local, sha
     import time
 
     from pipeline.segment.lease import Lease
-    from pipeline.segment.write import Output
+    from pipeline.segment.storage import Output
 
     out = tmp_path / "out"
     with Lease(Output(str(out)), "run-A", ttl_s=60).acquire():

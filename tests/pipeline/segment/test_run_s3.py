@@ -14,7 +14,7 @@ from pipeline.segment.config import segment_config
 from pipeline.segment.run import segment
 from tests.conftest import TINY_MODEL
 from tests.pipeline.segment.test_worker import assert_matches_reference, reference
-from tests.s3inventory import write_inventory
+from tests.support.s3inventory import write_inventory
 
 
 def upload(fs, bucket, shapes_dir, n=6):
@@ -148,7 +148,7 @@ def test_s3_inventory_manifest_end_to_end(ray_local, s3, shapes_dir):
         "planning: skipped 1 inventory keys that are not images or .tar (each input is processed once)"
         in logged
     )
-    assert any("2 manifest file(s) read by Ray tasks" in line for line in logged)
+    assert any("2 S3 Inventory file(s) read by Ray tasks" in line for line in logged)
     s3fs.S3FileSystem.clear_instance_cache()
     reader = s3fs.S3FileSystem(client_kwargs={"endpoint_url": endpoint})
     images = pads.dataset(f"{bucket}/inv-results/images", filesystem=reader, format="parquet").to_table()
@@ -164,7 +164,7 @@ def test_live_lease_refuses_a_second_run_and_a_dead_one_is_taken_over(ray_local,
     import time
 
     from pipeline.segment.lease import Lease
-    from pipeline.segment.write import Output
+    from pipeline.segment.storage import Output
 
     fs, bucket, endpoint = s3
     upload(fs, bucket, shapes_dir, n=4)

@@ -12,10 +12,13 @@ from pycocotools import mask as mask_utils
 
 from model.build import load_model, resolve_spec
 from model.decode import decode_image
-from pipeline.segment.plan import InputRef, Unit, expand_part, pending_parts, plan_inputs, write_index
 from pipeline.segment.read import too_thin
+from pipeline.segment.settings import WorkerSettings
+from pipeline.segment.sources import InputRef
+from pipeline.segment.units import Kind, Unit
 from pipeline.segment.worker import ImageError, SegmentWorker
-from tests.conftest import TINY_MODEL, png_bytes
+from tests.conftest import TINY_MODEL, plan_units
+from tests.support.images import png_bytes
 
 SCORE = 0.05
 
@@ -23,7 +26,9 @@ SCORE = 0.05
 def make_worker(out, **kw):
     spec = resolve_spec("none", min_size=TINY_MODEL["min_size"], max_size=TINY_MODEL["max_size"])
     return SegmentWorker(
-        spec=spec, score_threshold=SCORE, output_url=str(out), max_detections=10, threads=2, run_id="r1", **kw
+        WorkerSettings(
+            spec=spec, score_threshold=SCORE, output_url=str(out), max_detections=10, threads=2, run_id="r1", **kw
+        )
     )
 
 
@@ -35,16 +40,8 @@ def units_for(tmp_path, files: dict[str, bytes | None], unit_size: int = 100) ->
     for name, data in files.items():
         if data is not None:
             (folder / name).write_bytes(data)
-        refs.append(InputRef("file", str(folder / name), name))
-    plan_url = str(tmp_path / "plan")
-    parts = plan_inputs(refs, plan_url=plan_url, unit_size=unit_size)
-    plan = write_index(plan_url, parts, unit_size=unit_size, skipped={})
-    done = np.zeros(plan.units, dtype=bool)
-    return [
-        Unit(**u)
-        for item in pending_parts(plan, done)
-        for u in expand_part(item, plan_url=plan.url, unit_size=unit_size)
-    ]
+        refs.append(InputRef(Kind.FILES, str(folder / name), name))
+    return plan_units(refs, plan_url=str(tmp_path / "plan"), unit_size=unit_size)
 
 
 def run(tmp_path, files, **kw):
@@ -187,7 +184,7 @@ def test_the_gpu_layout_writes_the_same_rows(shapes_dir, tmp_path):
 def test_fp16_is_refused_on_a_cpu():
     spec = resolve_spec("none", min_size=TINY_MODEL["min_size"], max_size=TINY_MODEL["max_size"])
     with pytest.raises(ValueError, match="fp16 runs on GPUs only"):
-        SegmentWorker(spec=spec, score_threshold=SCORE, output_url="unused", precision="fp16")
+        SegmentWorker(WorkerSettings(spec=spec, score_threshold=SCORE, output_url="unused", precision="fp16"))
 
 
 def test_bf16_on_a_cpu_gives_fp32_outputs_close_to_fp32s(shapes_dir):

@@ -9,14 +9,10 @@ import pyarrow.parquet as pq
 from pycocotools import mask as mask_utils
 
 from model.postprocess import Detections, encode_binary_masks
+from pipeline.segment.ledger import StatsLog, committed_stats, committed_units
 from pipeline.segment.schema import DETECTIONS_SCHEMA, IMAGES_SCHEMA
-from pipeline.segment.write import (
-    Output,
-    StatsLog,
-    UnitWriter,
-    committed_stats,
-    committed_units,
-)
+from pipeline.segment.storage import Output
+from pipeline.segment.writer import UnitWriter
 
 NAMES = ["__background__", "person", "cat"]
 
@@ -42,9 +38,9 @@ def test_a_unit_is_written_in_input_order_with_its_record_last(tmp_path):
     w = writer(out)
     d0, d2 = dets(3, seed=1), dets(2, seed=2)
     # Rows arrive out of order (errors at once, images after their batch): files keep the unit's order.
-    w.add(1, "b.jpg", nbytes=None, error="read failed: b.jpg: not found")
-    w.add(2, "c.jpg", nbytes=30, height=8, width=10, decode_ms=1.0, infer_ms=2.0, detections=d2)
-    w.add(0, "a.jpg", nbytes=20, height=8, width=10, decode_ms=1.0, infer_ms=2.0, detections=d0)
+    w.add(1, "b.jpg", bytes=None, error="read failed: b.jpg: not found")
+    w.add(2, "c.jpg", bytes=30, height=8, width=10, decode_ms=1.0, infer_ms=2.0, detections=d2)
+    w.add(0, "a.jpg", bytes=20, height=8, width=10, decode_ms=1.0, infer_ms=2.0, detections=d0)
     assert not list(tmp_path.rglob("*.parquet")), "nothing reaches storage before commit"
     stats = w.commit()
     images = pq.read_table(tmp_path / "images" / "part-00000007.parquet")
@@ -95,7 +91,7 @@ def test_labels_outside_the_class_names_keep_their_number(tmp_path):
     w = writer(out)
     d = dets(2)
     d.labels[:] = [1, 9]
-    w.add(0, "a.jpg", nbytes=1, height=8, width=10, detections=d)
+    w.add(0, "a.jpg", bytes=1, height=8, width=10, detections=d)
     w.commit()
     names = pq.read_table(tmp_path / "detections").column("label_name").to_pylist()
     assert names == ["person", "9"]
@@ -107,7 +103,7 @@ def test_resume_reads_names_and_rollups_and_only_unrolled_records(tmp_path):
     stats = []
     for i in range(5):
         w = writer(out, f"{i:08d}")
-        w.add(0, f"{i}.jpg", nbytes=1, height=8, width=10, detections=dets(i + 1, seed=i))
+        w.add(0, f"{i}.jpg", bytes=1, height=8, width=10, detections=dets(i + 1, seed=i))
         stats.append(w.commit())
         if i < 4:
             log.record(stats[-1])  # unit 4: committed, then the driver died before recording it
@@ -133,7 +129,7 @@ def test_resume_reads_names_and_rollups_and_only_unrolled_records(tmp_path):
 def test_stale_temporaries_of_a_killed_writer_are_removed(tmp_path):
     out = Output(str(tmp_path))
     w = writer(out, "00000000")
-    w.add(0, "a.jpg", nbytes=1, height=8, width=10, detections=dets(1))
+    w.add(0, "a.jpg", bytes=1, height=8, width=10, detections=dets(1))
     w.commit()
     stale = [
         tmp_path / "images" / ".part-00000001.parquet.0a1b.tmp",
