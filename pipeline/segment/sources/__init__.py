@@ -19,7 +19,7 @@ from collections import Counter
 from collections.abc import Iterator
 from typing import Protocol
 
-from pipeline.segment.sources import files, folder, glob, manifest
+from pipeline.segment.sources import files, folder, glob, inventory, manifest
 from pipeline.segment.sources._listing import listing_fs
 from pipeline.segment.sources.base import InputRef, Part
 
@@ -55,6 +55,7 @@ SOURCES: tuple[Source, ...] = (
     glob.SOURCE,
     folder.SOURCE,
     files.SOURCE,
+    inventory.SOURCE,
     manifest.SOURCE,
 )
 
