@@ -123,7 +123,8 @@ def profile(datas: list[bytes], seg, batch: int, reps: int = 21) -> dict[str, fl
     import tempfile
 
     from model.decode import decode_image
-    from model.postprocess import Detections, forward_to_mask_probs, mask_changes, rle_strings, xyxy_to_xywh
+    from model.paste_batched import mask_changes, rle_strings
+    from model.postprocess import Detections, forward_to_mask_probs, xyxy_to_xywh
     from pipeline.segment.infer import to_tensor
     from pipeline.segment.storage import Output
     from pipeline.segment.writer import UnitWriter, detections_table

@@ -6,7 +6,7 @@ the tests compare with torchvision called directly, and what `bench/gpu.py` driv
 Two steps, so that an actor can overlap them: `forward` (the images to the device, the model up to its mask head,
 under fp16 autocast on GPUs) and `detections` (masks pasted, thresholded and RLE-encoded). On GPUs the masks of a
 whole batch are handled in a few tensor operations on the device and only run boundaries come back to the host
-(`model.postprocess.detections_batched`); on CPUs, where that would only add work, each mask is pasted within its
+(`model.paste_batched.detections_batched`); on CPUs, where that would only add work, each mask is pasted within its
 box, exactly as torchvision pastes it (`detections_from_mask_probs`).
 """
 
@@ -18,12 +18,8 @@ import numpy as np
 import torch
 
 from model.build import ModelSpec, load_model
-from model.postprocess import (
-    Detections,
-    detections_batched,
-    detections_from_mask_probs,
-    forward_to_mask_probs,
-)
+from model.paste_batched import detections_batched
+from model.postprocess import Detections, detections_from_mask_probs, forward_to_mask_probs
 from model.precision import autocast
 from pipeline.segment.settings import resolve_precision
 
@@ -98,16 +94,6 @@ class Segmenter:
                 detections_from_mask_probs(out, image_size=size, score_threshold=self.score_threshold)
                 for out, size in zip(outputs, image_sizes)
             ]
-
-    def predict_each(self, images: Sequence[np.ndarray | torch.Tensor]) -> list[Detections | Exception]:
-        """`predict`, but an image that breaks the batch (e.g. out of memory on a huge image) is isolated: the
-        batch is retried image by image, and the one that still fails gets its exception instead of detections."""
-        try:
-            return list(self.predict(images))
-        except Exception as e:
-            if len(images) == 1:
-                return [e]
-        return [r for image in images for r in self.predict_each([image])]
 
     def _autocast(self):
         return autocast(self.device.type, {"fp16": torch.float16, "bf16": torch.bfloat16}.get(self.precision))

@@ -8,12 +8,11 @@ from pycocotools import mask as mask_utils
 from torchvision.models.detection.roi_heads import paste_masks_in_image
 
 from model.build import build_maskrcnn
+from model.paste_batched import detections_batched, masks_to_rle
 from model.postprocess import (
     MASK_THRESHOLD,
-    detections_batched,
     detections_from_mask_probs,
     forward_to_mask_probs,
-    masks_to_rle,
     threshold_masks_in_boxes,
 )
 
