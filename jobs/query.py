@@ -6,12 +6,15 @@
     python jobs/query.py RESULTS_URL render IMAGE_URI --output FILE.png [--min-score S]
     python jobs/query.py RESULTS_URL render --sample N --output DIR [--min-score S]
     python jobs/query.py RESULTS_URL report --output DIR [--sample N] [--min-score S]
+    python jobs/query.py RESULTS_URL export --format coco --output FILE.json [--where SQL] [--min-score S]
+                                            [--images-root PREFIX]
 
 SQL is DuckDB's, over the tables `images` and `detections` (columns in the README, "Output"). S3: the endpoint comes
 from --endpoint-url or AWS_ENDPOINT_URL, credentials from the standard AWS sources. Exit status: 0 on success,
 1 with one `error: ...` line when the query cannot be answered (no results at the URL, bad SQL, unknown image),
 2 for bad arguments. `report` writes a static HTML page (DIR/index.html, pictures under DIR/images/; opens from
-disk, nothing loaded from the network) to a local DIR, and prints its path last.
+disk, nothing loaded from the network) to a local DIR, and prints its path last. `export` writes the ok images and
+their detections as a COCO instances file for labelling tools (local or s3://), streamed, never all in memory.
 """
 
 from __future__ import annotations
@@ -24,6 +27,8 @@ import _cli  # noqa: F401  (puts the repo root on sys.path)
 from _cli import EXIT_OK, run_main
 
 from pipeline.config import StorageConfig
+from pipeline.results.export import FORMATS as EXPORT_FORMATS
+from pipeline.results.export import export_coco
 from pipeline.results.open import Results, open_results
 from pipeline.results.render import render, render_sample
 from pipeline.results.report import write_report
@@ -85,6 +90,29 @@ def get_args_parser() -> argparse.ArgumentParser:
         help="overlays of the N images whose best detection scores highest (12; 0 = none)",
     )
     h.add_argument("--min-score", type=float, default=0.5, help="draw detections with score >= S (0.5)")
+
+    e = sub.add_parser(
+        "export",
+        parents=[common],
+        help="the ok images and their detections as a COCO file for labelling tools",
+    )
+    e.add_argument(
+        "--format", choices=EXPORT_FORMATS, default="coco", help="coco: COCO instances JSON (default)"
+    )
+    e.add_argument(
+        "--output", required=True, metavar="FILE.json", help="where to write it: a path or s3:// URL"
+    )
+    e.add_argument(
+        "--where",
+        metavar="SQL",
+        help="DuckDB condition on the table images choosing the images, e.g. \"image_uri LIKE '%%/val/%%'\"",
+    )
+    e.add_argument("--min-score", type=float, default=0.0, help="only detections with score >= S (0: all)")
+    e.add_argument(
+        "--images-root",
+        metavar="PREFIX",
+        help="file_name is image_uri less this folder (default: the whole image_uri; tar members: member path)",
+    )
     return p
 
 
@@ -103,6 +131,8 @@ def main() -> int:
         _sql(args, results, storage)
     elif args.command == "report":
         print(write_report(results, args.output, sample=args.sample, min_score=args.min_score))
+    elif args.command == "export":
+        _export(args, results, storage)
     else:
         if args.sample is not None:
             done = render_sample(results, args.sample, args.output, min_score=args.min_score)
@@ -128,6 +158,9 @@ def _check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> No
             parser.error("report: --min-score S needs 0 <= S <= 1")
         if "://" in args.output and not args.output.startswith("file://"):
             parser.error(f"report: --output is a local folder, not {args.output}")
+    elif args.command == "export":
+        if not 0 <= args.min_score <= 1:
+            parser.error("export: --min-score S needs 0 <= S <= 1")
     elif args.command == "sql":
         args.format = args.format or _format_of(args.output)
         if args.format is None:
@@ -168,6 +201,25 @@ def _sql(args: argparse.Namespace, results: Results, storage: dict) -> None:
         print(df.to_string(index=False, max_colwidth=60))
     more = "; more exist: --limit N, --limit 0 for all, or --output" if cut else ""
     print(f"({table.num_rows} row{'' if table.num_rows == 1 else 's'}{more})")
+
+
+def _export(args: argparse.Namespace, results: Results, storage: dict) -> None:
+    done = export_coco(
+        results,
+        args.output,
+        where=args.where,
+        min_score=args.min_score,
+        images_root=args.images_root,
+        storage_options=storage,
+    )
+    if done.error_images:
+        print(f"{done.error_images} image(s) in error left out (only status = 'ok' images are exported)")
+    if done.below_min_score:
+        print(f"{done.below_min_score} detection(s) below --min-score {args.min_score:g} left out")
+    print(
+        f"{done.images} images, {done.annotations} annotations, {done.categories} categories "
+        f"(ids: {done.category_ids}) written to {done.url} ({args.format})"
+    )
 
 
 def _format_of(output: str | None) -> str | None:

@@ -53,10 +53,10 @@ def sql(
                 rel = rel.limit(limit)
             return rel.to_arrow_table()
         except duckdb.Error as e:
-            raise QueryError(f"SQL: {_one_line(str(e))}") from None
+            raise QueryError(f"SQL: {one_line(str(e))}") from None
 
 
-def _one_line(message: str) -> str:
+def one_line(message: str) -> str:
     # DuckDB's messages point at the error with a `LINE 1: ...` excerpt and a row of carets: useless on one line.
     lines = [ln.strip() for ln in message.splitlines()]
     kept = [ln for ln in lines if ln and not ln.startswith("LINE ") and set(ln) != {"^"}]
