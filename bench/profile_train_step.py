@@ -93,7 +93,7 @@ def setup(args, rpn_proposals: int, n: int):
     torch.manual_seed(0)
     cfg = dict(
         weights="none",
-        backbone="resnet18",
+        architecture="maskrcnn_resnet18_fpn",
         min_size=[args.min_size],
         max_size=args.min_size * 5 // 3,
         trainable_backbone_layers=None,

@@ -69,16 +69,20 @@ def narrow_checkpoint(path: Path, *, min_size: int, max_size: int) -> str:
     """A random-init ResNet-18 FPN with narrow heads, saved as `jobs/train.py` saves its checkpoints."""
     import torch
 
-    from model.build import architecture_name, build_maskrcnn
+    from model.build import build_maskrcnn
     from model.checkpoint import save_checkpoint
 
     torch.manual_seed(0)
     names = ["__background__", "circle", "square", "triangle", "star"]
     model = build_maskrcnn(
-        num_classes=len(names), weights="none", backbone="resnet18", fpn_channels=32, box_head_size=64
+        num_classes=len(names),
+        weights="none",
+        architecture="maskrcnn_resnet18_fpn",
+        fpn_channels=32,
+        box_head_size=64,
     )
     arch = {
-        "name": architecture_name("resnet18"),
+        "name": "maskrcnn_resnet18_fpn",
         "num_classes": len(names),
         "min_size": min_size,
         "max_size": max_size,

@@ -123,7 +123,14 @@ def main() -> None:
 
         with open(args.model_from) as f:
             section = yaml.safe_load(f).get("model", {})
-        keep = ("backbone", "fpn_channels", "box_head_size", "rois_per_image", "positive_fraction")
+        keep = (
+            "architecture",
+            "backbone",
+            "fpn_channels",
+            "box_head_size",
+            "rois_per_image",
+            "positive_fraction",
+        )
         model.update({k: v for k, v in section.items() if k in keep})
 
     work = tempfile.mkdtemp(prefix="bench-train-")
@@ -147,7 +154,7 @@ def main() -> None:
     )
     print(
         f"data: {args.train_images} shapes images ~192x256, min_size {args.min_size}, batch {args.batch_size}, "
-        f"{args.threads} torch threads, from scratch: {cfg.model.backbone} FPN, fpn_channels {cfg.model.fpn_channels}, "
+        f"{args.threads} torch threads, from scratch: {cfg.model.architecture}, fpn_channels {cfg.model.fpn_channels}, "
         f"box_head_size {cfg.model.box_head_size}, {cfg.model.rois_per_image} RoIs/image; machine: {os.cpu_count()} CPUs"
     )
     plain_step, steps = plain_loop(loop_config(cfg), args.threads)

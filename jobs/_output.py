@@ -99,6 +99,22 @@ def ray_loggers_to_file(path: str) -> None:
             logger.handlers = [h for h in logger.handlers if h not in console] + [handler]
 
 
+def ray_errors_to_file(path: str) -> None:
+    """The errors the raylet publishes to the driver ("A worker died or was killed ...", "Task ... failed. There are
+    infinite retries remaining ...") are printed by the driver's error-listener thread on `sys.stdout`, i.e. the
+    terminal, whatever `log_to_driver` says; an actor ending itself after a device failure (and any actor restart)
+    would print a screenful each. They go to the log file instead. Ray 2.60 (pinned) looks the printer up as a module
+    global at each message (`ray._private.worker.print_to_stdstream`), which is what is replaced here;
+    tests/reliability/test_device_faults.py checks the terminal stays quiet."""
+    import ray._private.worker as ray_worker
+
+    def to_log_file(data: dict, ignore_prefix: bool) -> None:
+        with open(path, "a", encoding="utf-8") as f:
+            ray_worker.print_worker_logs(data, f, ignore_prefix)
+
+    ray_worker.print_to_stdstream = to_log_file
+
+
 def log_path() -> str | None:
     """Where Ray's own messages go (set by `setup_output`); None in verbose mode or before `setup_output`."""
     return _LOG_PATH

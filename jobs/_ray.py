@@ -10,7 +10,7 @@ import sys
 from typing import Any
 
 from jobs import EXIT_FAILED, ROOT
-from jobs._output import log_notice, log_path, ray_loggers_to_file
+from jobs._output import log_notice, log_path, ray_errors_to_file, ray_loggers_to_file
 from pipeline.errors import JobError
 
 # How long joining a Ray cluster may take before the job gives up with one line (the probe below fails faster
@@ -39,6 +39,7 @@ def init_ray(address: str | None = None) -> None:
     quiet = path is not None
     if quiet:
         ray_loggers_to_file(path)
+        ray_errors_to_file(path)
     # A job may ask for Ray more than once (e.g. to plan a manifest, then to segment): join or start it once.
     if ray.is_initialized():
         return

@@ -6,10 +6,14 @@ I/O contract of the returned model (torchvision's, unchanged):
 - eval mode output: one dict per image: `boxes [N, 4]` float xyxy, `labels [N]` int64 (0 is background, never
   returned), `scores [N]` float sorted descending, `masks [N, 1, H, W]` soft masks in 0–1 (threshold at 0.5).
 
+`architecture` is a name from `model.architectures` (default `maskrcnn_resnet50_fpn`, torchvision's; also its
+`maskrcnn_resnet50_fpn_v2` and lighter ResNet-18/34 variants), the same for training and inference.
+
 `weights` selects the initialisation:
-- `"DEFAULT"`: torchvision's COCO weights (downloaded on first use; needs internet or a warm torch hub cache).
-- `"backbone"`: ImageNet ResNet-50 backbone only (downloaded), new heads; what training from scratch on a new
-  dataset usually wants.
+- `"DEFAULT"`: torchvision's COCO weights of the architecture (downloaded on first use into the torch hub cache,
+  `$TORCH_HOME/hub/checkpoints/`; needs internet or a warm cache).
+- `"backbone"`: the ImageNet ResNet only (downloaded), new heads; what training from scratch on a new dataset
+  usually wants.
 - `"none"`: random initialisation (tests, offline machines). Seeded, so every actor builds the same model.
 - anything else: a checkpoint URL (local path or fsspec URL) written by `save_checkpoint`.
 """
@@ -22,23 +26,10 @@ from typing import Any
 import torch
 from torch import nn
 
+from model import architectures
 from model import checkpoint as ckpt
+from model.architectures import ARCHITECTURE_NAMES, DEFAULT_ARCHITECTURE, WITH_COCO_WEIGHTS
 from model.labels import COCO_CATEGORIES
-
-BACKBONES = ("resnet50", "resnet34", "resnet18")
-# The default stays torchvision's R50-FPN; the lighter ResNets are for CPU-sized training (same heads, same I/O).
-ARCHITECTURES = tuple(f"maskrcnn_{b}_fpn" for b in BACKBONES)
-
-
-def architecture_name(backbone: str) -> str:
-    return f"maskrcnn_{backbone}_fpn"
-
-
-def backbone_of(architecture: str) -> str:
-    if architecture not in ARCHITECTURES:
-        raise ValueError(f"unknown architecture {architecture!r}; this build knows {ARCHITECTURES}")
-    return architecture[len("maskrcnn_") : -len("_fpn")]
-
 
 BUILTIN_WEIGHTS = ("DEFAULT", "backbone", "none")
 # torchvision's widths: FPN/RPN/mask-head channels and the box head's MLP size. Narrower heads are what make CPU
@@ -60,6 +51,7 @@ RANDOM_INIT_SEED = 0
 
 def build_maskrcnn(
     *,
+    architecture: str = DEFAULT_ARCHITECTURE,
     num_classes: int = 91,
     weights: str = "none",
     min_size: int | tuple[int, ...] = 800,
@@ -69,32 +61,31 @@ def build_maskrcnn(
     trainable_backbone_layers: int | None = None,
     box_batch_size_per_image: int = 512,
     box_positive_fraction: float = 0.25,
-    backbone: str = "resnet50",
     fpn_channels: int = FPN_CHANNELS,
     box_head_size: int = BOX_HEAD_SIZE,
     rpn_proposals_train: int = RPN_PROPOSALS_TRAIN,
     rpn_proposals_test: int = RPN_PROPOSALS_TEST,
     anchor_sizes: tuple[int, ...] = ANCHOR_SIZES,
 ) -> nn.Module:
-    """Build `maskrcnn_<backbone>_fpn` (default torchvision's `maskrcnn_resnet50_fpn`) with the given initialisation (`"DEFAULT"`, `"backbone"` or `"none"`).
+    """Build `architecture` (a name from `model.architectures`) with the given initialisation (`"DEFAULT"`,
+    `"backbone"` or `"none"`).
 
     `min_size` as a tuple means multi-scale training: torchvision's transform draws one short side per image in
     train mode (and uses the last one in eval mode). `box_batch_size_per_image`/`box_positive_fraction` are the
-    paper's RoI sampling (512 per image, 25% positives). BatchNorm is frozen whenever pretrained weights are loaded
-    (`DEFAULT`, `backbone`), as torchvision does; from scratch it trains. `fpn_channels` sets the width of the FPN,
-    the RPN head and the mask head (torchvision: 256), `box_head_size` the box head's two-layer MLP (1024); other
-    values change the architecture (recorded in checkpoints), so `DEFAULT` weights need the torchvision widths.
+    paper's RoI sampling (512 per image, 25% positives). v1 heads: BatchNorm is frozen whenever pretrained weights
+    are loaded (`DEFAULT`, `backbone`), as torchvision does; from scratch it trains. v2 trains BatchNorm always, as
+    torchvision's v2. `fpn_channels` sets the width of the FPN, the RPN head, the mask head (and v2's box-head
+    convs) (torchvision: 256), `box_head_size` the box head's fully connected width (1024); other values change
+    the architecture (recorded in checkpoints), so `DEFAULT` weights need the torchvision widths.
     `rpn_proposals_train`/`_test` set the RPN's proposals per image (torchvision's pre- and post-NMS top-k);
     `anchor_sizes` the RPN's anchor size on each of the five FPN levels (three aspect ratios each, as torchvision).
     Checkpoint URLs are handled by `load_model`, which reads the architecture stored in the checkpoint first.
     """
-    from torchvision.models import ResNet50_Weights
-    from torchvision.models.detection import MaskRCNN_ResNet50_FPN_Weights, maskrcnn_resnet50_fpn
+    from torchvision.models import get_model, get_weight
 
     if weights not in BUILTIN_WEIGHTS:
         raise ValueError(f"weights must be one of {BUILTIN_WEIGHTS}, got {weights!r}")
-    if backbone not in BACKBONES:
-        raise ValueError(f"backbone must be one of {BACKBONES}, got {backbone!r}")
+    arch = architectures.get(architecture)
     sizes = tuple(min_size) if isinstance(min_size, (tuple, list)) else (min_size,)
     if not sizes or min(sizes) <= 0 or max_size < max(sizes):
         raise ValueError(f"need 0 < min_size <= max_size, got min_size={min_size} max_size={max_size}")
@@ -121,19 +112,13 @@ def build_maskrcnn(
         raise ValueError(
             f"anchor_sizes: one positive size per FPN level ({len(ANCHOR_SIZES)}), got {anchor_sizes}"
         )
-    if anchor_sizes != ANCHOR_SIZES:
-        from torchvision.models.detection.anchor_utils import AnchorGenerator
-
-        kwargs["rpn_anchor_generator"] = AnchorGenerator(
-            sizes=tuple((a,) for a in anchor_sizes), aspect_ratios=((0.5, 1.0, 2.0),) * len(anchor_sizes)
-        )
     if fpn_channels < 8 or box_head_size < 8:
         raise ValueError(
             f"need fpn_channels >= 8 and box_head_size >= 8, got {fpn_channels}, {box_head_size}"
         )
-    if backbone != "resnet50" or (fpn_channels, box_head_size) != (FPN_CHANNELS, BOX_HEAD_SIZE):
-        return _build_custom(
-            backbone,
+    if arch.builder is None or (fpn_channels, box_head_size) != (FPN_CHANNELS, BOX_HEAD_SIZE):
+        model = _build_custom(
+            arch,
             num_classes=num_classes,
             weights=weights,
             kwargs=kwargs,
@@ -141,28 +126,41 @@ def build_maskrcnn(
             fpn_channels=fpn_channels,
             box_head_size=box_head_size,
         )
-    if weights == "DEFAULT":
+    elif weights == "DEFAULT":
         if num_classes != 91:
             raise ValueError(
                 "weights='DEFAULT' is the 91-class COCO head; use 'backbone' for another class count"
             )
-        return maskrcnn_resnet50_fpn(weights=MaskRCNN_ResNet50_FPN_Weights.DEFAULT, **kwargs)
-    if weights == "backbone":
-        return maskrcnn_resnet50_fpn(
+        model = get_model(arch.builder, weights=get_weight(arch.coco_weights), **kwargs)
+    elif weights == "backbone":
+        model = get_model(
+            arch.builder,
             weights=None,
-            weights_backbone=ResNet50_Weights.IMAGENET1K_V1,
+            weights_backbone=get_weight(arch.backbone_weights),
             num_classes=num_classes,
             trainable_backbone_layers=trainable_backbone_layers,
             **kwargs,
         )
-    # Random init: fork the RNG so seeding here does not disturb the caller's random stream.
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(RANDOM_INIT_SEED)
-        return maskrcnn_resnet50_fpn(weights=None, weights_backbone=None, num_classes=num_classes, **kwargs)
+    else:
+        # Random init: fork the RNG so seeding here does not disturb the caller's random stream.
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(RANDOM_INIT_SEED)
+            model = get_model(
+                arch.builder, weights=None, weights_backbone=None, num_classes=num_classes, **kwargs
+            )
+    if anchor_sizes != ANCHOR_SIZES:
+        # Set after building: torchvision's v2 builder passes its own generator. Anchors hold no weights, and the
+        # count per location (3) is unchanged, so the RPN head fits either way.
+        from torchvision.models.detection.anchor_utils import AnchorGenerator
+
+        model.rpn.anchor_generator = AnchorGenerator(
+            sizes=tuple((a,) for a in anchor_sizes), aspect_ratios=((0.5, 1.0, 2.0),) * len(anchor_sizes)
+        )
+    return model
 
 
 def _build_custom(
-    backbone: str,
+    arch: architectures.Architecture,
     *,
     num_classes: int,
     weights: str,
@@ -171,35 +169,35 @@ def _build_custom(
     fpn_channels: int,
     box_head_size: int,
 ) -> nn.Module:
-    """Mask R-CNN on a ResNet FPN with torchvision's head designs at chosen widths (same I/O, same state-dict keys
-    as `maskrcnn_resnet50_fpn` when the widths are torchvision's)."""
-    from torchvision import models
+    """Mask R-CNN on a ResNet FPN with torchvision's head designs (v1 or v2) at chosen widths (same I/O, same
+    state-dict keys as torchvision's builder when the backbone and widths are torchvision's)."""
+    from torchvision.models import get_model, get_weight
     from torchvision.models.detection import MaskRCNN
     from torchvision.models.detection.backbone_utils import BackboneWithFPN
-    from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead
+    from torchvision.models.detection.faster_rcnn import FastRCNNConvFCHead, FastRCNNPredictor, TwoMLPHead
     from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredictor
+    from torchvision.models.detection.rpn import RPNHead
     from torchvision.ops import misc as misc_nn_ops
     from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 
     if weights == "DEFAULT":
         raise ValueError(
-            "weights='DEFAULT' exists only for resnet50 at torchvision's widths "
+            f"weights='DEFAULT' exists only for {', '.join(WITH_COCO_WEIGHTS)} at torchvision's widths "
             f"(fpn_channels={FPN_CHANNELS}, box_head_size={BOX_HEAD_SIZE}); use 'backbone' or 'none'"
         )
     pretrained = weights == "backbone"
-    enum = {
-        "resnet18": models.ResNet18_Weights,
-        "resnet34": models.ResNet34_Weights,
-        "resnet50": models.ResNet50_Weights,
-    }[backbone]
-    # As torchvision does for R50: frozen BatchNorm under pretrained weights, trainable BatchNorm from scratch.
-    norm = misc_nn_ops.FrozenBatchNorm2d if pretrained else nn.BatchNorm2d
+    v2 = arch.heads == "v2"
+    # As torchvision does: v1 freezes BatchNorm under pretrained weights and trains it from scratch; v2 always
+    # trains it, and adds BatchNorm to the FPN and the heads.
+    norm = nn.BatchNorm2d if v2 or not pretrained else misc_nn_ops.FrozenBatchNorm2d
     layers = trainable_backbone_layers if trainable_backbone_layers is not None else (3 if pretrained else 5)
     if not 0 <= layers <= 5:
         raise ValueError(f"trainable_backbone_layers must be in [0, 5], got {layers}")
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(RANDOM_INIT_SEED)
-        body = getattr(models, backbone)(weights=enum.IMAGENET1K_V1 if pretrained else None, norm_layer=norm)
+        body = get_model(
+            arch.backbone, weights=get_weight(arch.backbone_weights) if pretrained else None, norm_layer=norm
+        )
         # What torchvision's `_resnet_fpn_extractor` does, with the FPN width as a parameter.
         trainable = ["layer4", "layer3", "layer2", "layer1", "conv1"][:layers] + (
             ["bn1"] if layers == 5 else []
@@ -214,15 +212,27 @@ def _build_custom(
             [stage2 * 2 ** (k - 1) for k in (1, 2, 3, 4)],
             fpn_channels,
             extra_blocks=LastLevelMaxPool(),
+            norm_layer=nn.BatchNorm2d if v2 else None,
         )
         c = fpn_channels
+        # Built in this order (box head, box predictor, mask head, mask predictor; the RPN head last, as MaskRCNN
+        # does when given none): the order the seeded random init draws in, kept so v1's stays what it was.
+        box_head = (
+            FastRCNNConvFCHead((c, 7, 7), [c] * 4, [box_head_size], norm_layer=nn.BatchNorm2d)
+            if v2  # torchvision's maskrcnn_resnet50_fpn_v2 heads, at width c
+            else TwoMLPHead(c * 7 * 7, box_head_size)  # 7x7 RoIAlign output, as torchvision
+        )
+        box_predictor = FastRCNNPredictor(box_head_size, num_classes)
+        mask_head = MaskRCNNHeads(c, [c] * 4, 1, norm_layer=nn.BatchNorm2d if v2 else None)
+        mask_predictor = MaskRCNNPredictor(c, c, num_classes)
         return MaskRCNN(
             fpn,
-            num_classes=None,  # given through the predictors below
-            box_head=TwoMLPHead(c * 7 * 7, box_head_size),  # 7x7 RoIAlign output, as torchvision
-            box_predictor=FastRCNNPredictor(box_head_size, num_classes),
-            mask_head=MaskRCNNHeads(c, (c, c, c, c), 1),
-            mask_predictor=MaskRCNNPredictor(c, c, num_classes),
+            num_classes=None,  # given through the predictors
+            box_head=box_head,
+            box_predictor=box_predictor,
+            mask_head=mask_head,
+            mask_predictor=mask_predictor,
+            rpn_head=RPNHead(c, 3, conv_depth=2 if v2 else 1),
             **kwargs,
         )
 
@@ -249,7 +259,7 @@ class ModelSpec:
     class_names: tuple[str, ...]  # index = label; index 0 is "__background__"
     min_size: int
     max_size: int
-    architecture: str = "maskrcnn_resnet50_fpn"
+    architecture: str = DEFAULT_ARCHITECTURE  # a name from model.architectures
     fpn_channels: int = FPN_CHANNELS
     box_head_size: int = BOX_HEAD_SIZE
     rpn_proposals: int = RPN_PROPOSALS_TEST  # at inference
@@ -259,41 +269,58 @@ class ModelSpec:
 def resolve_spec(
     weights: str,
     *,
+    architecture: str | None = None,
     min_size: int | None = None,
     max_size: int | None = None,
     storage_options: dict | None = None,
 ) -> ModelSpec:
-    """Resolve `weights` without building the model: class names, sizes and an id.
+    """Resolve `weights` without building the model: architecture, class names, sizes and an id.
 
-    `min_size`/`max_size` of None mean "the checkpoint's own" (torchvision's 800/1333 for built-in weights).
-    A checkpoint is read (and validated) here, so a bad URL fails before any work starts.
+    `architecture` None means "the checkpoint's own" (`DEFAULT_ARCHITECTURE` for built-in weights); given with a
+    checkpoint it must be the one the checkpoint records. `min_size`/`max_size` of None mean "the checkpoint's own"
+    (torchvision's 800/1333 for built-in weights). A checkpoint is read (and validated) here, so a bad URL fails
+    before any work starts. ValueError for an unknown architecture or one without COCO weights under `DEFAULT`.
+
+    Model ids, written next to every result row and part of an output's fingerprint (see `model.architectures.
+    architecture_of_model_id`): `torchvision:<COCO weights>`, `random-init:<architecture>:seed0`,
+    `checkpoint:<architecture>:<sha256[:16]>`; checkpoints written before ids named the architecture (no
+    `arch["schema"]`) keep their `checkpoint:<sha256[:16]>`, so outputs made with them resume.
     """
     if weights in ("DEFAULT", "none"):
-        model_id = (
-            "torchvision:MaskRCNN_ResNet50_FPN_Weights.COCO_V1"
-            if weights == "DEFAULT"
-            else f"random-init:maskrcnn_resnet50_fpn:seed{RANDOM_INIT_SEED}"
-        )
+        arch = architectures.get(architecture or DEFAULT_ARCHITECTURE)
+        if weights == "DEFAULT" and not arch.coco_weights:
+            raise ValueError(
+                f"weights DEFAULT: torchvision has COCO weights for {', '.join(WITH_COCO_WEIGHTS)}, not {arch.name}"
+            )
         return ModelSpec(
             weights=weights,
-            model_id=model_id,
+            model_id=(
+                f"torchvision:{arch.coco_weights}"
+                if weights == "DEFAULT"
+                else f"random-init:{arch.name}:seed{RANDOM_INIT_SEED}"
+            ),
             class_names=tuple(COCO_CATEGORIES),
             min_size=min_size or 800,
             max_size=max_size or 1333,
+            architecture=arch.name,
         )
     header = ckpt.load_checkpoint(weights, storage_options=storage_options, with_state=False)
     arch = header.arch
-    if arch.get("name", "maskrcnn_resnet50_fpn") not in ARCHITECTURES:
+    name = str(arch.get("name", DEFAULT_ARCHITECTURE))
+    if name not in ARCHITECTURE_NAMES:
         raise ckpt.CheckpointError(
-            f"checkpoint {weights} is a {arch.get('name')!r}; this build knows {', '.join(ARCHITECTURES)}"
+            f"checkpoint {weights} is a {name!r}; this build knows {', '.join(ARCHITECTURE_NAMES)}"
         )
+    if architecture and architecture != name:
+        raise ckpt.CheckpointError(f"checkpoint {weights} is a {name}, not the {architecture} asked for")
+    digest = header.digest[:16]
     return ModelSpec(
         weights=weights,
-        model_id=f"checkpoint:{header.digest[:16]}",
+        model_id=f"checkpoint:{name}:{digest}" if "schema" in arch else f"checkpoint:{digest}",
         class_names=tuple(header.class_names),
         min_size=min_size or int(arch.get("min_size", 800)),
         max_size=max_size or int(arch.get("max_size", 1333)),
-        architecture=str(arch.get("name", "maskrcnn_resnet50_fpn")),
+        architecture=name,
         fpn_channels=int(arch.get("fpn_channels", FPN_CHANNELS)),
         box_head_size=int(arch.get("box_head_size", BOX_HEAD_SIZE)),
         rpn_proposals=int(arch.get("rpn_proposals_test", RPN_PROPOSALS_TEST)),
@@ -310,7 +337,7 @@ def load_model(
 ) -> nn.Module:
     """Build the model a `ModelSpec` describes, weights loaded, in eval mode, on the CPU."""
     common = dict(
-        backbone=backbone_of(spec.architecture),
+        architecture=spec.architecture,
         min_size=spec.min_size,
         max_size=spec.max_size,
         box_score_thresh=box_score_thresh,

@@ -3,11 +3,15 @@
 Layout (`FORMAT` = "archive-segmenter/maskrcnn/v1"):
     {
       "format": FORMAT,
-      "arch": {"name": "maskrcnn_resnet50_fpn", "num_classes": int, "min_size": int, "max_size": int},
+      "arch": {"name": "maskrcnn_resnet50_fpn", "num_classes": int, "min_size": int, "max_size": int,
+               "schema": 2, ...},  # name: one of model.architectures; training adds the head widths, RPN settings
       "class_names": [str, ...],          # index = label; index 0 is "__background__"
       "model": state_dict,                # tensors only
       # training adds: "optimizer", "scheduler", "epoch", "metrics", "config"
     }
+
+`arch["schema"]`: 2 since `model.architecture` (the segment job's model id of such a checkpoint names the
+architecture); absent in older checkpoints, whose ids stay as they were so that their outputs resume.
 
 `weights_only=True` means a file carrying arbitrary pickled objects (code) is refused, not executed.
 """
@@ -24,6 +28,7 @@ import fsspec
 import torch
 
 FORMAT = "archive-segmenter/maskrcnn/v1"
+ARCH_SCHEMA = 2  # arch["schema"] of the checkpoints written now (see above)
 
 
 class CheckpointError(ValueError):

@@ -6,7 +6,7 @@ reads its own shard (`DistributedSampler` + aspect-ratio grouping), trains with 
 val split with predictions gathered from all workers, and reports a checkpoint from rank 0 every epoch.
 
 `config` keys (a plain dict built by `pipeline.train`): train/val annotation and image URLs, storage options, model
-weights and sizes, optimiser settings, `run_config` (the redacted config, stored in checkpoints).
+architecture, weights and sizes, optimiser settings, `run_config` (the redacted config, stored in checkpoints).
 """
 
 from __future__ import annotations
@@ -23,13 +23,13 @@ import torch
 import torch.distributed as dist
 
 from model import checkpoint as ckpt
+from model.architectures import DEFAULT_ARCHITECTURE
 from model.build import (
     ANCHOR_SIZES,
     BOX_HEAD_SIZE,
     FPN_CHANNELS,
     RPN_PROPOSALS_TEST,
     RPN_PROPOSALS_TRAIN,
-    architecture_name,
     build_maskrcnn,
     replace_heads,
 )
@@ -80,9 +80,12 @@ def _is_dist() -> bool:
 
 
 def build_for_training(config: dict, num_classes: int) -> torch.nn.Module:
+    """The model `config` describes, for `num_classes` (background included): COCO weights with new heads
+    (`DEFAULT`), the ImageNet backbone (`backbone`), from scratch (`none`), or a checkpoint of the same
+    architecture and classes to continue from."""
     weights = config["weights"]
     common = dict(
-        backbone=config.get("backbone", "resnet50"),
+        architecture=config["architecture"],
         min_size=tuple(config["min_size"]),
         max_size=config["max_size"],
         trainable_backbone_layers=config["trainable_backbone_layers"],
@@ -103,6 +106,9 @@ def build_for_training(config: dict, num_classes: int) -> torch.nn.Module:
             common.pop("trainable_backbone_layers")  # from scratch every layer trains
         return build_maskrcnn(num_classes=num_classes, weights=weights, **common)
     loaded = ckpt.load_checkpoint(weights, storage_options=config["weights_storage_options"])
+    recorded = loaded.arch.get("name", DEFAULT_ARCHITECTURE)
+    if recorded != config["architecture"]:
+        raise ValueError(f"model.weights {weights} is a {recorded}; set model.architecture: {recorded}")
     if len(loaded.class_names) != num_classes:
         raise ValueError(
             f"model.weights {weights} has {len(loaded.class_names) - 1} classes, the dataset {num_classes - 1}"
@@ -110,6 +116,22 @@ def build_for_training(config: dict, num_classes: int) -> torch.nn.Module:
     model = build_maskrcnn(num_classes=num_classes, weights="none", **common)
     model.load_state_dict(loaded.model_state)
     return model
+
+
+def checkpoint_arch(config: dict, num_classes: int) -> dict:
+    """The checkpoint's `arch` record of the model `build_for_training(config, num_classes)` builds: what the segment
+    job rebuilds it from, with the sizes it was evaluated at."""
+    return {
+        "name": config["architecture"],
+        "schema": ckpt.ARCH_SCHEMA,
+        "num_classes": num_classes,
+        "min_size": config["eval_min_size"],
+        "max_size": config["max_size"],
+        "fpn_channels": config.get("fpn_channels", FPN_CHANNELS),
+        "box_head_size": config.get("box_head_size", BOX_HEAD_SIZE),
+        "rpn_proposals_test": config.get("rpn_proposals_test", RPN_PROPOSALS_TEST),
+        "anchor_sizes": list(config.get("anchor_sizes", ANCHOR_SIZES)),
+    }
 
 
 def autocast_dtype(amp: bool, device_type: str) -> torch.dtype | None:
@@ -294,16 +316,7 @@ def train_per_worker(config: dict) -> None:
                 ckpt.save_checkpoint(
                     os.path.join(d, CHECKPOINT_FILE),
                     model_state={k: v.detach().cpu() for k, v in bare.state_dict().items()},
-                    arch={
-                        "name": architecture_name(config.get("backbone", "resnet50")),
-                        "num_classes": index.num_classes,
-                        "min_size": config["eval_min_size"],
-                        "max_size": config["max_size"],
-                        "fpn_channels": config.get("fpn_channels", FPN_CHANNELS),
-                        "box_head_size": config.get("box_head_size", BOX_HEAD_SIZE),
-                        "rpn_proposals_test": config.get("rpn_proposals_test", RPN_PROPOSALS_TEST),
-                        "anchor_sizes": list(config.get("anchor_sizes", ANCHOR_SIZES)),
-                    },
+                    arch=checkpoint_arch(config, index.num_classes),
                     class_names=list(index.class_names),
                     optimizer=optimizer.state_dict(),
                     scheduler=scheduler.state_dict(),

@@ -86,3 +86,17 @@ def plan_units(refs, *, plan_url: str, unit_size: int):
     plan = write_index(plan_url, parts, unit_size=unit_size, skipped={})
     items = pa.Table.from_pylist(pending_parts(plan, np.zeros(plan.units, dtype=bool)))
     return units_from_table(expand_parts(items, plan_url=plan.url, unit_size=unit_size))
+
+
+@pytest.fixture(scope="session")
+def coco_hub(tmp_path_factory):
+    """A private torch hub cache holding COCO weights of the right shapes for every architecture that has them
+    (tests/support/hub.py); tests point TORCH_HOME at it with monkeypatch. Never the user's own cache."""
+    import shutil
+
+    from model.architectures import WITH_COCO_WEIGHTS
+    from tests.support.hub import plant_coco_weights
+
+    home = tmp_path_factory.mktemp("torch-home")
+    yield plant_coco_weights(str(home), WITH_COCO_WEIGHTS)
+    shutil.rmtree(home, ignore_errors=True)  # ~350 MB: not kept with pytest's last few temporary folders

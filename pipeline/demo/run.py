@@ -82,7 +82,7 @@ def run_demo(
     t = time.perf_counter()
     m, o = train_cfg.model, train_cfg.train
     log(
-        f"\n[2/5] training: {m.backbone} Mask R-CNN from scratch on {data['train']} images, {o.epochs} epoch{'' if o.epochs == 1 else 's'} "
+        f"\n[2/5] training: {m.architecture} from scratch on {data['train']} images, {o.epochs} epoch{'' if o.epochs == 1 else 's'} "
         f"at {max(m.min_size)} px{', mixed precision' if o.amp else ''} (Ray Train, {train_cfg.scaling.num_workers} worker) ..."
     )
     # The AP tables would fill the screen; step 4 prints the AP that matters, of the job's own results.

@@ -3,7 +3,7 @@
     write_report(results, "report/", sample=12, min_score=0.5) -> "report/index.html"
 
 The page shows the run's summary (images ok / in error, detections per label, the score histogram, throughput when
-the results record it, run and model ids), a grid of overlays of the `sample` images whose best detection scores
+the results record it, run and model ids and the architecture they name), a grid of overlays of the `sample` images whose best detection scores
 highest (drawn by `render.draw_detections` with detections of `score >= min_score`), and a few example inputs for
 every error reason. Charts are inline SVG drawn by the template from bar geometry computed here; pictures are JPEG
 files under `images/`. Nothing is loaded from the network.
@@ -24,6 +24,7 @@ from typing import Any
 
 import jinja2
 
+from model.architectures import architecture_of_model_id
 from pipeline.results.common import QueryError
 from pipeline.results.open import Results, open_results
 from pipeline.results.render import draw_detections
@@ -266,8 +267,12 @@ def render_html(
     )
     env.filters["num"] = lambda v: "-" if v is None else f"{v:,}"
     source = importlib.resources.files("pipeline.results").joinpath(TEMPLATE).read_text(encoding="utf-8")
+    named = [architecture_of_model_id(m) for m in run_summary["model_ids"]]
     return env.from_string(source).render(
         s=run_summary,
+        # Which architecture made the run, from the model ids; a checkpoint written before ids named it says None.
+        architectures=sorted({a for a in named if a}),
+        unnamed_architecture=None in named,
         timing=speed,
         errors=shown_errors,
         more_reasons=len(errors) - len(shown_errors),

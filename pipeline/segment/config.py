@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Literal
 
+from model.architectures import ARCHITECTURE_NAMES, WITH_COCO_WEIGHTS
 from pipeline.config import ConfigError, StorageConfig, check_ranges, from_dict
 from pipeline.segment.settings import ERROR_POLICIES, FP16_ON_CPU, PRECISIONS
 
@@ -44,6 +45,8 @@ class OutputConfig:
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
     weights: str = "DEFAULT"
+    # None ("auto"): the checkpoint's own, else maskrcnn_resnet50_fpn (model.architectures' table).
+    architecture: Literal[ARCHITECTURE_NAMES] | None = None
     min_size: int | None = None  # None ("auto"): the checkpoint's own, else torchvision's 800
     max_size: int | None = None  # None ("auto"): the checkpoint's own, else torchvision's 1333
     score_threshold: float = 0.5
@@ -93,7 +96,7 @@ _RANGES: dict[str, tuple[float, float]] = {
     "model.batch_size": (1, 1024),
     "compute.min_actors": (1, 100_000),
     "compute.max_actors": (1, 100_000),
-    "compute.gpus_per_actor": (0.0, 64.0),
+    "compute.gpus_per_actor": (0.0, 64.0),  # above 1: refused below, with why
     "compute.cpus_per_actor": (0.0, 1024.0),
     "compute.threads_per_actor": (1, 1024),
     "compute.io_threads": (1, 256),
@@ -118,8 +121,19 @@ def segment_config(data: dict | None) -> SegmentConfig:
         raise ConfigError(
             f"compute.max_actors: must be >= compute.min_actors ({c.min_actors}), got {c.max_actors}"
         )
+    if m.weights == "DEFAULT" and m.architecture and m.architecture not in WITH_COCO_WEIGHTS:
+        raise ConfigError(
+            f"model.architecture: model.weights DEFAULT (torchvision's COCO weights) exists for "
+            f"{' and '.join(WITH_COCO_WEIGHTS)}, not {m.architecture}"
+        )
     if m.precision == "fp16" and m.device == "cpu":
         raise ConfigError(FP16_ON_CPU)
+    if c.gpus_per_actor is not None and c.gpus_per_actor > 1:
+        raise ConfigError(
+            f"compute.gpus_per_actor: an actor runs its model on one GPU, so more than 1 would reserve GPUs it never "
+            f"uses; allowed: auto, 0 (CPU), or up to 1 (a fraction shares a GPU, each actor capped at that share of "
+            f"its memory), got {c.gpus_per_actor:g}"
+        )
     if m.device == "cuda" and c.gpus_per_actor == 0:
         raise ConfigError("compute.gpus_per_actor: must be > 0 (or auto) when model.device is 'cuda'")
     return cfg

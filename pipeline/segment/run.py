@@ -35,7 +35,7 @@ from pipeline.segment.ledger import StatsLog, committed_stats, committed_units
 from pipeline.segment.naming import IMAGE_EXTENSIONS
 from pipeline.segment.plan import Plan
 from pipeline.segment.resources import Resources, cluster_resources, plan_resources
-from pipeline.segment.schema import COMMITTED_DIR, CONFIG_FILE, PLAN_DIR, SUCCESS_FILE
+from pipeline.segment.schema import COMMITTED_DIR, CONFIG_FILE, FAULTS_DIR, PLAN_DIR, SUCCESS_FILE
 from pipeline.segment.settings import FP16_ON_CPU, WorkerSettings, batch_size_for, resolve_precision
 from pipeline.segment.storage import Output
 from pipeline.segment.summary import RunSummary
@@ -133,6 +133,8 @@ def segment(
             raise
         stats_log.flush()
         summary.seconds = time.perf_counter() - started
+        # One listing: units that met a device failure (in this run or an earlier one) and were run again.
+        summary.units_with_device_failures = len(out.names(FAULTS_DIR))
         if summary.complete:
             out.write_json(SUCCESS_FILE, summary.to_json())
     return summary
@@ -142,26 +144,36 @@ def _resolve_model(cfg: SegmentConfig) -> ModelSpec:
     m = cfg.model
     try:
         spec = resolve_spec(
-            m.weights, min_size=m.min_size, max_size=m.max_size, storage_options=m.storage_options()
+            m.weights,
+            architecture=m.architecture,
+            min_size=m.min_size,
+            max_size=m.max_size,
+            storage_options=m.storage_options(),
         )
     except CheckpointError as e:
         raise JobError(f"model.weights: {e}") from None
     except OSError as e:
         raise JobError(f"model.weights: {describe_storage_error(m.weights, e)}") from None
+    except ValueError as e:  # an architecture without COCO weights under DEFAULT
+        raise JobError(f"model.architecture: {e}") from None
     if spec.weights == "DEFAULT":
-        _fetch_default_weights()
+        _fetch_default_weights(spec)
     return spec
 
 
-def _fetch_default_weights() -> None:
-    """Download torchvision's COCO weights once on the driver, so a machine without internet fails here, clearly."""
-    from torchvision.models.detection import MaskRCNN_ResNet50_FPN_Weights
+def _fetch_default_weights(spec: ModelSpec) -> None:
+    """Download torchvision's COCO weights of `spec.architecture` once on the driver (into the torch hub cache, where
+    the actors load them from), so a machine without internet fails here, clearly."""
+    from torchvision.models import get_weight
 
+    from model import architectures
+
+    name = architectures.get(spec.architecture).coco_weights
     try:
-        MaskRCNN_ResNet50_FPN_Weights.DEFAULT.get_state_dict(progress=False)
+        get_weight(name).get_state_dict(progress=False)
     except Exception as e:
         raise JobError(
-            "model.weights=DEFAULT: cannot load torchvision's COCO weights "
+            f"model.weights=DEFAULT: cannot load torchvision's COCO weights {name} "
             f"({type(e).__name__}: {' '.join(str(e).split())[:200]}). Without internet, pass a checkpoint "
             "URL from jobs/train.py, or 'none' for random weights."
         ) from None
@@ -184,6 +196,7 @@ def _prepare_output(out: Output, cfg: SegmentConfig, spec: ModelSpec, fp: str, r
             {
                 "config": redacted(cfg),
                 "model_id": spec.model_id,
+                "architecture": spec.architecture,
                 "class_names": list(spec.class_names),
                 "min_size": spec.min_size,
                 "max_size": spec.max_size,
@@ -282,6 +295,7 @@ def _execute(
         batch_size=batch_size_for(cfg.model.batch_size, res.device),
         precision=cfg.model.precision,
         on_image_error=cfg.on_image_error,
+        gpu_memory_fraction=res.gpus_per_actor if res.device == "cuda" and res.gpus_per_actor < 1 else None,
         output_options=cfg.output.storage_options(),
         input_options=cfg.input.storage_options(),
         weights_options=cfg.model.storage_options(),

@@ -19,6 +19,7 @@ PLAN_DIR = "_plan"
 CONFIG_FILE = "_config.json"
 SUCCESS_FILE = "_SUCCESS.json"
 LEASE_FILE = "_lease.json"
+FAULTS_DIR = "_faults"  # per-unit records of device failures (pipeline.segment.faults)
 
 STATUS_OK = "ok"
 STATUS_ERROR = "error"

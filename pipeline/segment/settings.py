@@ -76,6 +76,8 @@ class WorkerSettings:
     # None: the post-processing thread runs on GPUs only; tests set it to run the GPU layout on a CPU.
     overlap: bool | None = None
     on_image_error: str = "record"
+    # Actors sharing a GPU (compute.gpus_per_actor below 1): the share of its memory each may use.
+    gpu_memory_fraction: float | None = None
     output_options: dict = dataclasses.field(default_factory=dict)
     input_options: dict = dataclasses.field(default_factory=dict)
     weights_options: dict = dataclasses.field(default_factory=dict)

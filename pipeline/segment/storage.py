@@ -26,6 +26,7 @@ from pipeline.segment.schema import (
     COMMITTED_DIR,
     CONFIG_FILE,
     DETECTIONS_DIR,
+    FAULTS_DIR,
     IMAGES_DIR,
     PLAN_DIR,
     STATS_DIR,
@@ -33,7 +34,7 @@ from pipeline.segment.schema import (
 )
 
 # What `output.mode=overwrite` removes (never the lease, which the run holds while it clears).
-OWNED = (IMAGES_DIR, DETECTIONS_DIR, COMMITTED_DIR, STATS_DIR, PLAN_DIR, CONFIG_FILE, SUCCESS_FILE)
+OWNED = (IMAGES_DIR, DETECTIONS_DIR, COMMITTED_DIR, STATS_DIR, PLAN_DIR, FAULTS_DIR, CONFIG_FILE, SUCCESS_FILE)
 
 
 def protocols(fs) -> tuple[str, ...]:
@@ -154,7 +155,7 @@ class Output:
         if not self.local:
             return 0
         removed = 0
-        for folder in ("", IMAGES_DIR, DETECTIONS_DIR, COMMITTED_DIR, STATS_DIR, PLAN_DIR):
+        for folder in ("", IMAGES_DIR, DETECTIONS_DIR, COMMITTED_DIR, STATS_DIR, PLAN_DIR, FAULTS_DIR):
             d = self.path(folder)
             for name in os.listdir(d) if os.path.isdir(d) else []:
                 if name.startswith(".") and name.endswith(".tmp"):

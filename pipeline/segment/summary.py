@@ -28,6 +28,7 @@ class RunSummary:
     labels: Counter = dataclasses.field(default_factory=Counter)
     error_reasons: Counter = dataclasses.field(default_factory=Counter)
     images_this_run: int = 0
+    units_with_device_failures: int = 0  # units with a `_faults/` record: run again after a device failure
     seconds: float = 0.0
 
     @property
@@ -76,6 +77,11 @@ class RunSummary:
             out.append(f"detections per label: {top}{more}")
         if self.error_reasons:
             out.append("errors: " + ", ".join(f"{k}={v}" for k, v in self.error_reasons.most_common(10)))
+        if self.units_with_device_failures:
+            out.append(
+                f"device failures: {self.units_with_device_failures} unit(s) were run again after the device failed "
+                "(nothing of a failed attempt was kept; counts in _faults/)"
+            )
         out.append(f"model: {self.model_id}   run: {self.run_id}")
         out.append(f"results: {self.output_url}/images/ and {self.output_url}/detections/ (Parquet)")
         return out

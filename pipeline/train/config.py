@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Literal
 
+from model.architectures import ARCHITECTURE_NAMES, DEFAULT_ARCHITECTURE, WITH_COCO_WEIGHTS, for_backbone
 from pipeline.config import ConfigError, StorageConfig, check_ranges, from_dict
 
 
@@ -33,7 +34,7 @@ class DataConfig:
 @dataclasses.dataclass(frozen=True)
 class TrainModelConfig:
     weights: str = "backbone"  # DEFAULT | backbone | none | checkpoint URL
-    backbone: Literal["resnet50", "resnet34", "resnet18"] = "resnet50"
+    architecture: Literal[ARCHITECTURE_NAMES] = DEFAULT_ARCHITECTURE  # model.architectures' table
     min_size: tuple[int, ...] = (800,)  # several values: multi-scale training (one drawn per image)
     max_size: int = 1333
     eval_min_size: int | None = (
@@ -44,8 +45,8 @@ class TrainModelConfig:
     )
     rois_per_image: int = 512
     positive_fraction: float = 0.25
-    fpn_channels: int = 256  # FPN, RPN and mask-head width (torchvision's 256; DEFAULT weights need it)
-    box_head_size: int = 1024  # box head MLP width (torchvision's 1024)
+    fpn_channels: int = 256  # FPN, RPN, mask-head (and v2's box-head conv) width (torchvision's 256)
+    box_head_size: int = 1024  # box head fully connected width (torchvision's 1024)
     rpn_proposals_train: int = 2000  # RPN proposals per image while training (torchvision's 2000)
     rpn_proposals_test: int = 1000  # ... at evaluation; recorded in checkpoints for the segment job (1000)
     anchor_sizes: tuple[int, ...] = (32, 64, 128, 256, 512)  # RPN anchor per FPN level P2..P6 (torchvision's)
@@ -133,7 +134,7 @@ _RANGES = {
 
 
 def train_config(data: dict | None) -> TrainConfig:
-    cfg: TrainConfig = from_dict(TrainConfig, data)
+    cfg: TrainConfig = from_dict(TrainConfig, _renamed_keys(data))
     for split in ("train", "val"):
         s = getattr(cfg.data, split)
         for key in ("annotations", "images"):
@@ -149,10 +150,12 @@ def train_config(data: dict | None) -> TrainConfig:
             f"train.lr_steps: fractions of the schedule in (0, 1), got {list(cfg.train.lr_steps)}"
         )
     m = cfg.model
-    if m.weights == "DEFAULT" and (m.backbone, m.fpn_channels, m.box_head_size) != ("resnet50", 256, 1024):
+    if m.weights == "DEFAULT" and (
+        m.architecture not in WITH_COCO_WEIGHTS or (m.fpn_channels, m.box_head_size) != (256, 1024)
+    ):
         raise ConfigError(
-            "model.weights: DEFAULT (COCO weights) exists only for backbone resnet50 with fpn_channels 256 and "
-            "box_head_size 1024; use 'backbone' or 'none' for other architectures"
+            f"model.weights: DEFAULT (COCO weights) exists only for model.architecture {' or '.join(WITH_COCO_WEIGHTS)} "
+            "with fpn_channels 256 and box_head_size 1024; use 'backbone' or 'none' for other architectures"
         )
     if len(m.anchor_sizes) != 5 or min(m.anchor_sizes) < 1:
         raise ConfigError(
@@ -161,3 +164,25 @@ def train_config(data: dict | None) -> TrainConfig:
     if max(cfg.model.min_size) > cfg.model.max_size:
         raise ConfigError(f"model.max_size: must be >= every model.min_size, got {cfg.model.max_size}")
     return cfg
+
+
+def _renamed_keys(data: dict | None) -> dict | None:
+    """`model.backbone` (before `model.architecture`), mapped: `resnet18` means `maskrcnn_resnet18_fpn`."""
+    model = (data or {}).get("model")
+    if not isinstance(model, dict) or "backbone" not in model:
+        return data
+    model = dict(model)
+    backbone = model.pop("backbone")
+    try:
+        name = for_backbone(str(backbone))
+    except ValueError:
+        raise ConfigError(
+            f"model.backbone: replaced by model.architecture, one of {', '.join(ARCHITECTURE_NAMES)}; "
+            f"got backbone {backbone!r}"
+        ) from None
+    if model.setdefault("architecture", name) != name:
+        raise ConfigError(
+            f"model.backbone: replaced by model.architecture; set model.architecture: {name} instead "
+            f"(this config also sets model.architecture: {model['architecture']})"
+        )
+    return {**data, "model": model}

@@ -57,7 +57,7 @@ def loop_config(cfg: TrainConfig) -> dict:
         "loader_workers": d.loader_workers,
         "flip_prob": d.flip_prob,
         "weights": _abs(m.weights),
-        "backbone": m.backbone,
+        "architecture": m.architecture,
         "weights_storage_options": d.storage_options(m.weights),
         "min_size": list(m.min_size),
         "max_size": m.max_size,

@@ -69,7 +69,7 @@ def test_training_prints_each_worker_line_once_without_ray_chatter(tmp_path):
         "data.val.images": f"{s}/val",
         "data.loader_workers": 0,
         "model.weights": "none",
-        "model.backbone": "resnet18",
+        "model.architecture": "maskrcnn_resnet18_fpn",
         "model.min_size": "[64]",
         "model.max_size": 96,
         "model.fpn_channels": 32,

@@ -82,7 +82,9 @@ def test_random_init_is_reproducible():
 
 
 def test_light_backbone_round_trips_through_checkpoint(tmp_path):
-    model = build_maskrcnn(num_classes=3, weights="none", min_size=96, max_size=128, backbone="resnet18")
+    model = build_maskrcnn(
+        num_classes=3, weights="none", min_size=96, max_size=128, architecture="maskrcnn_resnet18_fpn"
+    )
     path = tmp_path / "r18.pt"
     save_checkpoint(
         str(path),
@@ -116,7 +118,7 @@ def test_narrow_heads_round_trip_through_checkpoint(tmp_path):
         weights="none",
         min_size=96,
         max_size=128,
-        backbone="resnet18",
+        architecture="maskrcnn_resnet18_fpn",
         fpn_channels=32,
         box_head_size=64,
     ).eval()

@@ -142,11 +142,17 @@ MODELS = [
         [(97, 131), (64, 64), (151, 83)],
     ),
     (
-        dict(min_size=80, max_size=128, backbone="resnet18", box_detections_per_img=30),
+        dict(min_size=80, max_size=128, architecture="maskrcnn_resnet18_fpn", box_detections_per_img=30),
         [(45, 77), (120, 90)],
     ),
     (
-        dict(min_size=64, max_size=96, box_score_thresh=0.01, backbone="resnet34", fpn_channels=64),
+        dict(
+            min_size=64,
+            max_size=96,
+            box_score_thresh=0.01,
+            architecture="maskrcnn_resnet34_fpn",
+            fpn_channels=64,
+        ),
         [(33, 47), (3, 5), (70, 71)],
     ),
 ]
@@ -178,7 +184,9 @@ def test_fast_path_equals_torchvision_forward(kwargs, sizes):
 
 
 def test_fast_path_no_detections_and_eval_mode_required():
-    model = build_maskrcnn(weights="none", min_size=64, max_size=96, backbone="resnet18").eval()
+    model = build_maskrcnn(
+        weights="none", min_size=64, max_size=96, architecture="maskrcnn_resnet18_fpn"
+    ).eval()
     images = random_images(0, [(50, 60)])
     with torch.inference_mode():
         raw = forward_to_mask_probs(model, images)

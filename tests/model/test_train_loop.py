@@ -74,7 +74,7 @@ def test_a_bfloat16_step_on_a_cpu_keeps_fp32_weights_and_learns():
         weights="none",
         min_size=64,
         max_size=96,
-        backbone="resnet18",
+        architecture="maskrcnn_resnet18_fpn",
         fpn_channels=16,
         box_head_size=32,
         box_batch_size_per_image=16,

@@ -45,9 +45,10 @@ class SessionJob:
     process group (driver, and with an embedded Ray its GCS and raylet); output captured to files (a pipe could fill
     up). Ray workers sit in process groups of their own within the session, which is how `session()` finds them."""
 
-    def __init__(self, script: Path, args: list[str], logs: Path, name: str):
+    def __init__(self, script: Path, args: list[str], logs: Path, name: str, env: dict[str, str] | None = None):
         self.stdout_path, self.stderr_path = logs / f"{name}.out", logs / f"{name}.err"
-        self.ray_tmp, env = private_ray("rk-")  # removed after the run
+        self.ray_tmp, job_env = private_ray("rk-")  # removed after the run
+        env = {**job_env, **(env or {})}
         with open(self.stdout_path, "w") as o, open(self.stderr_path, "w") as e:
             self.proc = subprocess.Popen(
                 [sys.executable, str(script), *args],
@@ -127,13 +128,14 @@ class Job(SessionJob):
         name: str,
         ray_address: str | None = None,
         sets: list[str] = (),
+        env: dict[str, str] | None = None,
     ):
         sets = [f"model.{k}={v}" for k, v in TINY_MODEL.items()] + list(sets)
         sets += [f"input.unit_size={UNIT_SIZE}", "model.batch_size=1", "progress_interval_s=1"]
         args = ["--input", str(inputs), "--output", str(out), *[a for s in sets for a in ("--set", s)]]
         if ray_address:
             args += ["--ray-address", ray_address]
-        super().__init__(SCRIPT, args, logs, name)
+        super().__init__(SCRIPT, args, logs, name, env)
 
     def kill_when(self, ready: Callable[[], bool], what: str, timeout: float = 240) -> None:
         """SIGKILL the job's process group as soon as `ready()`; fail if the job ended before that moment."""

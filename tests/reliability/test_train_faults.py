@@ -44,7 +44,7 @@ def sets(data: Path, runs: Path, *, name: str, epochs: int, workers: int) -> lis
         "data.val.images": data / "val",
         "data.loader_workers": 0,
         "model.weights": "none",
-        "model.backbone": "resnet18",
+        "model.architecture": "maskrcnn_resnet18_fpn",
         "model.fpn_channels": 32,
         "model.box_head_size": 64,
         "model.rois_per_image": 32,

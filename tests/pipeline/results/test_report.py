@@ -113,6 +113,7 @@ def test_counts_and_ids(report):
     assert page.by_id["stat-errors"] == "5 in error" and page.by_id["stat-detections"] == "6 detections"
     assert "run-1" in page.by_id["run-ids"] and "run-3" in page.by_id["run-ids"]
     assert "random-init:test" in page.by_id["model-ids"]
+    assert "not named by the model id" in page.by_id["architecture"]  # "test" is no architecture
     # Per label (the markup label escaped), and the histogram's bars with their counts as tooltips.
     assert "square: 3" in page.by_id["labels"] and "<i>label</i>: 1" in page.by_id["labels"]
     assert "score [0.9, 1.0]: 2" in page.by_id["scores"] and "score [0.5, 0.6): 1" in page.by_id["scores"]
@@ -175,6 +176,22 @@ def test_sample_size_threshold_and_empty_results(tmp_path):
     page = Page(open(path, encoding="utf-8").read())
     assert page.by_id["stat-images"] == "1 images" and "No detections." in page.by_id["labels"]
     assert "No ok image has a detection" in page.by_id["sample"] and "incomplete" in open(path).read()
+
+
+@pytest.mark.parametrize(
+    "model_id, shown",
+    [
+        ("torchvision:MaskRCNN_ResNet50_FPN_V2_Weights.COCO_V1", "maskrcnn_resnet50_fpn_v2"),
+        ("torchvision:MaskRCNN_ResNet50_FPN_Weights.COCO_V1", "maskrcnn_resnet50_fpn"),
+        ("checkpoint:maskrcnn_resnet18_fpn:0123456789abcdef", "maskrcnn_resnet18_fpn"),
+    ],
+)
+def test_the_page_names_the_architecture_of_the_model_ids(tmp_path, model_id, shown):
+    out = Output(str(tmp_path / "out"))
+    rows = [{**image("/nowhere/e.jpg", error="empty file (0 bytes)"), "model_id": model_id}]
+    out.write_bytes("images/part-000000.parquet", parquet_bytes(pa.Table.from_pylist(rows, IMAGES_SCHEMA)))
+    path = write_report(str(tmp_path / "out"), str(tmp_path / "r"), log=lambda _: None)
+    assert Page(open(path, encoding="utf-8").read()).by_id["architecture"] == shown
 
 
 def test_report_of_s3_results_is_written_locally(s3, tmp_path):
