@@ -29,6 +29,7 @@ from pipeline.segment.storage import Output
 from pipeline.segment.writer import parquet_bytes
 from tests.pipeline.results.test_optional_columns import write_minimal_results
 from tests.pipeline.results.test_query import box_mask, detection, disc_mask, image
+from tests.support.results import write_units
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 LABELS = {"square": 1, "circle": 2, "triangle": 7}  # the model's indices: not 1..K, so the rule shows
@@ -77,14 +78,8 @@ def build(out_url: str, src: str, storage_options: dict | None = None) -> dict:
         image(ud, shape=(40, 50), n=0, run_id="run-2"),
         image(ue, shape=(50, 40), n=1, run_id="run-2"),
     ]
-    out = Output(out_url, storage_options=storage_options)
-    for unit, imgs, dets in (("000000", images_1, dets_1), ("000001", images_2, dets_2)):
-        out.write_bytes(
-            f"images/part-{unit}.parquet", parquet_bytes(pa.Table.from_pylist(imgs, IMAGES_SCHEMA))
-        )
-        out.write_bytes(
-            f"detections/part-{unit}.parquet", parquet_bytes(pa.Table.from_pylist(dets, DETECTIONS_SCHEMA))
-        )
+    units = {"000000": (images_1, dets_1), "000001": (images_2, dets_2)}
+    write_units(out_url, units, storage_options=storage_options)
     return {"uris": {"a": ua, "b": ub, "c": uc, "d": ud, "e": ue}, "detections": dets_1 + dets_2}
 
 

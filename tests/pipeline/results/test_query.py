@@ -31,6 +31,7 @@ from pipeline.results.summary import format_summary, summary
 from pipeline.segment.schema import DETECTIONS_SCHEMA, IMAGES_SCHEMA
 from pipeline.segment.storage import Output
 from pipeline.segment.writer import parquet_bytes
+from tests.support.results import write_units
 
 MODEL_ID = "random-init:test"
 
@@ -144,15 +145,8 @@ def build_results(src: str, out_url: str, put, storage_options: dict | None = No
         image(f"{src}/y.png", error="not an image: unrecognised format (first bytes b'')", run_id="run-2"),
         image(f"{src}/z.jpg", error=f"read failed: {src}/z.jpg: not found", run_id="run-2"),
     ]
-    out = Output(out_url, storage_options=storage_options)
-    for unit, imgs, dets in (("000000", images_1, dets_1), ("000001", images_2, dets_2)):
-        out.write_bytes(
-            f"images/part-{unit}.parquet", parquet_bytes(pa.Table.from_pylist(imgs, IMAGES_SCHEMA))
-        )
-        out.write_bytes(
-            f"detections/part-{unit}.parquet", parquet_bytes(pa.Table.from_pylist(dets, DETECTIONS_SCHEMA))
-        )
-        out.write_json(f"_committed/{unit}.json", {"unit_id": unit})
+    units = {"000000": (images_1, dets_1), "000001": (images_2, dets_2)}
+    out = write_units(out_url, units, storage_options=storage_options, committed=True)
     out.write_json("_config.json", {"config": {"input": {"max_pixels": 10**8}}, "model_id": MODEL_ID})
     out.write_json("_SUCCESS.json", {"complete": True})
     return {
