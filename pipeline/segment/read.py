@@ -232,16 +232,25 @@ def _file_jobs(unit: Unit, input_options: dict, plan_options: dict, finish: Call
             if member:
                 data, version = retry.call(_read_member, fs, fs._strip_protocol(member[0]), member[1])
             else:
-                path = fs._strip_protocol(read_url)
-                # The object's identity just before its bytes (one HEAD; a GET's own ETag is not exposed by fsspec).
-                version = object_version(retry.call(fs.info, path))
-                data = retry.call(fs.cat_file, path)
+                data, version = _read_object(fs, fs._strip_protocol(read_url))
         except Exception as e:  # per input: becomes that input's error row
             return finish(index, image_uri, None, f"read failed: {describe_storage_error(image_uri, e)}")
         return finish(index, image_uri, bytes(data), None, version)
 
     for index, (read_url, image_uri) in enumerate(entries):
         yield lambda i=index, r=read_url, u=image_uri: job(i, r, u)
+
+
+def _read_object(fs, path: str) -> tuple[bytes, str | None]:
+    """An object's bytes and its identity (`object_version`) as of the same moment: its metadata (one HEAD on an
+    object store), then exactly that many bytes (one ranged GET). A plain `cat_file` would ask for the size itself
+    (s3fs does, to decide on a concurrent download), so this costs no request more than it."""
+    info = retry.call(fs.info, path)
+    size = info.get("size")
+    if size == 0:
+        return b"", object_version(info)
+    data = retry.call(fs.cat_file, path, start=0, end=size) if size is not None else retry.call(fs.cat_file, path)
+    return data, object_version(info)
 
 
 def _read_member(fs, shard_path: str, member: str) -> tuple[bytes, str | None]:
