@@ -4,6 +4,7 @@ one step trains, and the checkpoint it writes rebuilds the same model for the se
 COCO weights, at torchvision's widths."""
 
 import math
+import os
 
 import pytest
 import torch
@@ -76,3 +77,36 @@ def test_fine_tune_from_default_weights_trains_a_step_and_checkpoints(
     with torch.inference_mode():
         a, b = model([image])[0], rebuilt([image])[0]
     assert torch.equal(a["boxes"], b["boxes"]) and torch.equal(a["labels"], b["labels"])
+
+
+def test_v2_from_its_imagenet_backbone_trains_a_step(monkeypatch, tmp_path):
+    """`weights: backbone` for v2: torchvision's ImageNet ResNet-50 from the hub cache (planted here, never
+    downloaded) under new heads, all of v2's BatchNorm trainable; one step trains."""
+    from torchvision.models import get_model
+
+    from model import architectures
+    from tests.support.hub import cache_path
+
+    arch = architectures.get("maskrcnn_resnet50_fpn_v2")
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(7)
+        resnet = get_model(arch.backbone, weights=None)
+    path = cache_path(str(tmp_path), arch.backbone_weights)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    torch.save(resnet.state_dict(), path)
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    config = {**loop_config(arch.name), "weights": "backbone"}
+    model = build_for_training(config, len(CLASSES))
+    assert torch.equal(model.backbone.body.conv1.weight, resnet.conv1.weight)  # the cached ImageNet weights
+    assert model.roi_heads.box_predictor.cls_score.out_features == 3
+    image = torch.rand(3, 64, 80)
+    mask = torch.zeros(1, 64, 80, dtype=torch.uint8)
+    mask[0, 16:48, 20:60] = 1
+    target = {"boxes": torch.tensor([[20.0, 16.0, 60.0, 48.0]]), "labels": torch.tensor([1]), "masks": mask}
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = make_optimizer(params, kind="sgd", lr=0.001, momentum=0.9, weight_decay=1e-4)
+    loss = sum(model.train()([image, image.flip(-1)], [target, target]).values())
+    opt.zero_grad()
+    loss.backward()
+    opt.step()
+    assert math.isfinite(float(loss.detach()))
