@@ -30,8 +30,8 @@ def test_bad_config_fails_fast_naming_key(tmp_path):
     )
     assert r.returncode == 2
     assert r.stderr.strip().splitlines() == [
-        "config error: unknown key 'model.wieghts'; allowed keys under 'model': weights, min_size, max_size, "
-        "score_threshold, max_detections, batch_size, device, precision, storage"
+        "config error: unknown key 'model.wieghts'; allowed keys under 'model': weights, architecture, min_size, "
+        "max_size, score_threshold, max_detections, batch_size, device, precision, storage"
     ]
     assert not (tmp_path / "o").exists()  # no work started, nothing written
     r = job("--output", str(tmp_path / "o"), "--set", "model.device=gpu", timeout=60)

@@ -73,10 +73,15 @@ def test_fine_tune_from_default_weights_trains_a_step_and_checkpoints(
     assert spec.architecture == architecture and spec.model_id.startswith(f"checkpoint:{architecture}:")
     assert spec.class_names == tuple(CLASSES) and (spec.min_size, spec.rpn_proposals) == (64, 50)
     rebuilt = load_model(spec, box_score_thresh=0.0, box_detections_per_img=5)
+    # The same weights, exactly. Outputs are compared with a tolerance: the trained v1 model holds frozen BatchNorm
+    # (pretrained weights), the rebuilt one plain BatchNorm in eval mode, the same formula rounded in another order,
+    # and boxes decoded from a one-step model's near-random deltas amplify that.
+    loaded = rebuilt.state_dict()
+    assert all(torch.equal(v, loaded[k]) for k, v in model.state_dict().items())
     model.eval().roi_heads.score_thresh, model.roi_heads.detections_per_img = 0.0, 5
     with torch.inference_mode():
         a, b = model([image])[0], rebuilt([image])[0]
-    assert torch.equal(a["boxes"], b["boxes"]) and torch.equal(a["labels"], b["labels"])
+    assert torch.allclose(a["boxes"], b["boxes"], atol=0.1) and torch.equal(a["labels"], b["labels"])
 
 
 def test_v2_from_its_imagenet_backbone_trains_a_step(monkeypatch, tmp_path):
