@@ -35,6 +35,29 @@ def loop_config(architecture: str) -> dict:
     }
 
 
+def sample(*, label: int) -> tuple[torch.Tensor, dict]:
+    """A 64x80 image with one box-shaped instance of `label`."""
+    image = torch.rand(3, 64, 80)
+    mask = torch.zeros(1, 64, 80, dtype=torch.uint8)
+    mask[0, 16:48, 20:60] = 1
+    return image, {
+        "boxes": torch.tensor([[20.0, 16.0, 60.0, 48.0]]),
+        "labels": torch.tensor([label]),
+        "masks": mask,
+    }
+
+
+def one_step(model, images, targets) -> torch.Tensor:
+    """One SGD step in train mode; the summed loss."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = make_optimizer(params, kind="sgd", lr=0.001, momentum=0.9, weight_decay=1e-4)
+    loss = sum(model.train()(images, targets).values())
+    opt.zero_grad()
+    loss.backward()
+    opt.step()
+    return loss
+
+
 @pytest.mark.parametrize("architecture", WITH_COCO_WEIGHTS)
 def test_fine_tune_from_default_weights_trains_a_step_and_checkpoints(
     coco_hub, monkeypatch, tmp_path, architecture
@@ -47,17 +70,9 @@ def test_fine_tune_from_default_weights_trains_a_step_and_checkpoints(
     assert model.roi_heads.box_predictor.cls_score.out_features == 3
     assert model.roi_heads.mask_predictor.mask_fcn_logits.out_channels == 3
 
-    image = torch.rand(3, 64, 80)
-    mask = torch.zeros(1, 64, 80, dtype=torch.uint8)
-    mask[0, 16:48, 20:60] = 1
-    target = {"boxes": torch.tensor([[20.0, 16.0, 60.0, 48.0]]), "labels": torch.tensor([2]), "masks": mask}
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = make_optimizer(params, kind="sgd", lr=0.001, momentum=0.9, weight_decay=1e-4)
+    image, target = sample(label=2)
     before = model.roi_heads.box_predictor.cls_score.weight.detach().clone()
-    loss = sum(model.train()([image], [target]).values())
-    opt.zero_grad()
-    loss.backward()
-    opt.step()
+    loss = one_step(model, [image], [target])
     assert math.isfinite(float(loss.detach())) and not torch.equal(
         before, model.roi_heads.box_predictor.cls_score.weight
     )
@@ -104,14 +119,6 @@ def test_v2_from_its_imagenet_backbone_trains_a_step(monkeypatch, tmp_path):
     model = build_for_training(config, len(CLASSES))
     assert torch.equal(model.backbone.body.conv1.weight, resnet.conv1.weight)  # the cached ImageNet weights
     assert model.roi_heads.box_predictor.cls_score.out_features == 3
-    image = torch.rand(3, 64, 80)
-    mask = torch.zeros(1, 64, 80, dtype=torch.uint8)
-    mask[0, 16:48, 20:60] = 1
-    target = {"boxes": torch.tensor([[20.0, 16.0, 60.0, 48.0]]), "labels": torch.tensor([1]), "masks": mask}
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = make_optimizer(params, kind="sgd", lr=0.001, momentum=0.9, weight_decay=1e-4)
-    loss = sum(model.train()([image, image.flip(-1)], [target, target]).values())
-    opt.zero_grad()
-    loss.backward()
-    opt.step()
+    image, target = sample(label=1)
+    loss = one_step(model, [image, image.flip(-1)], [target, target])
     assert math.isfinite(float(loss.detach()))
