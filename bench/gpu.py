@@ -1,34 +1,50 @@
-"""The actor's compute path on a GPU (or, with `--device cpu`, its host side on this machine), side by side with the
-naive per-image script. torch and torchvision are all it needs: no Ray, no storage, pycocotools optional.
+"""The inference actor's compute path on a GPU (or, with `--device cpu`, on this machine), side by side with the
+naive per-image script, on the images and settings a user runs. torch and torchvision are all it needs: no Ray, no
+storage, pycocotools and pynvml optional.
 
-    python bench/gpu.py --device cuda [--images 64] [--batches 1,8,16] [--train]
-    python bench/gpu.py --device cpu             # this machine: the host path at 100 detections per image
+    python bench/gpu.py --device cuda [--mix phone,640x480] [--images 48] [--batches 1,4,8,16] [--train]
+    python bench/gpu.py --device cpu --mix phone --images 3     # a CPU smoke run: one image of each size
 
-Images: generated JPEGs, 640×480 and mixed COCO-like sizes (480–800 × 360–640), textured with shapes. Model:
-`maskrcnn_resnet50_fpn` with random weights (no download possible), torchvision's sizes (800 / 1333), score
-threshold 0 and 100 detections per image (the most an image can have: the worst case for everything after the
-model).
+Images (`--mix`, comma-separated sets, each `--images` generated JPEGs): `phone` (the default's first set) cycles
+through 12 MP phone photos in both orientations, 4000×3000 and 3000×4000 pixels (no EXIF rotation), and 640×480;
+`640x480`; `coco`, COCO-like sizes (480–800 × 360–640). Textured, with ellipses scaled to the image; at most 4
+distinct images per size, reused in turn (generating a 12 MP image takes a second). Model: `maskrcnn_resnet50_fpn`
+with random weights (no download possible), the job's sizes (800 / 1333), score threshold 0 and 100 detections per
+image (the most an image can have: the worst case for everything after the model; a random model scores nothing
+above the job's 0.5).
 
-- naive: what a user writes — PIL open, `model([image])` per image (torchvision pastes every mask into a full-image
-  canvas), every mask RLE-encoded with pycocotools (with `model.rle` where pycocotools is missing).
-- ours: the inference actor's compute path (`pipeline.segment.infer.Segmenter` and the writer's Arrow columns), laid
-  out as the actor runs it: decode on 8 threads ahead of the model, the forward pass on the main thread, masks, RLE
-  strings and Arrow columns on one post-processing thread; fp32 and fp16 (autocast), batch sizes `--batches`.
-- profile: the same stages one after another, synchronised, in ms per image: decode, copy to the device, forward,
-  masks on the device (paste, threshold, run boundaries, and the copy of the boundaries back), RLE strings, Arrow;
-  GPU busy time = the device stages' share of the wall time.
+- naive: what a user writes — PIL open, `model([image])` per image in fp32 (torchvision pastes every mask into a
+  full-image canvas: 100 × 12 M floats per phone photo), every mask RLE-encoded with pycocotools (with `model.rle`
+  where pycocotools is missing).
+- ours: the inference actor's compute path (`pipeline.segment.infer.Segmenter`'s `forward` and `detections`, and the
+  writer's Arrow columns), laid out as the actor runs it: decode on 8 threads ahead of the model, `forward` on the
+  main thread, `detections` and Arrow on one post-processing thread; fp32, and on GPUs fp16 (autocast, what the
+  job's `precision: auto` runs there); batch sizes `--batches` plus the job's default
+  (`pipeline.segment.settings`: 4 on GPUs, 1 on CPUs).
+- ratios to the naive script, each at the job's default batch on the first set: `ours_fp32_vs_naive_fp32` (the
+  same arithmetic, so the actor's layout and mask route alone) and on GPUs `ours_fp16_vs_naive_fp32` (what the job
+  runs against what a user writes); other sets add `_<set>` to the name.
+- device busy (GPUs), during each timed actor run, as a share of its wall time: `gpu_busy_lo`, the union of
+  CUDA-event spans around each `forward` (device work of the model, launch gaps inside it included), and
+  `gpu_busy_hi`, that union with the spans around each `detections` call too (whose span also covers the host's RLE
+  strings between its device work and its last copies: an upper bound); `gpu_util`, the mean of NVML's
+  utilisation samples (the share of time any kernel ran, sampled every 0.2 s via `torch.cuda.utilization()` where
+  pynvml is installed, else `nvidia-smi`; absent where neither works).
+- profile, at the job's default batch on each set: the stages one after another, synchronised, in ms per image:
+  decode, copy to the device, forward, masks on the device (paste, threshold, run boundaries, and the copy of the
+  boundaries back), RLE strings, Arrow. On GPUs the device stages are timed with CUDA events.
 - host: the steps that stay on the host when the device is a GPU — the RLE strings from the run boundaries,
   `Detections` assembly, the unit writer's bookkeeping and the Arrow columns (decode runs on read threads, off the
-  actor's path) — in ms per image
-  at 100 detections; on `--device cpu` the device steps run on the CPU and are reported separately.
+  actor's path) — in ms per image at 100 detections, on the first set; on `--device cpu` the device steps run on the
+  CPU and are reported separately.
 - fp16 and bf16 vs fp32: on the same images, detections matched by label and box IoU ≥ 0.5: mean/min box IoU, score
   differences, mask IoU, and detections that have no match. Random weights make detections near-ties and masks
   near 0.5 everywhere, so this part takes a trained checkpoint (`--drift-weights`, e.g. the demo's) and its own
-  images (`--drift-images`, e.g. `demo/shapes/val`); without them it runs on the random model, a worst case. On a
-  CPU fp16 (autocast with CPU fp16 kernels, ~10× slower than fp32 there) is a proxy for what a GPU does; bf16 is
-  what `model.precision: bf16` runs, and its `time_vs_fp32` its speed there.
-- `--train` (GPU): training images/s with AMP at batch 8 on generated images and synthetic targets, with the data
-  loader's own rate (4 workers, pinned memory) beside it.
+  images (`--drift-images`, e.g. `demo/shapes/val`); without them it runs on the random model and 640×480 images,
+  a worst case. On a CPU fp16 (autocast with CPU fp16 kernels, ~10× slower than fp32 there) is a proxy for what a
+  GPU does; bf16 is what `model.precision: bf16` runs, and its `time_vs_fp32` its speed there.
+- `--train` (GPU): training images/s with AMP at batch 8 on generated 640×480 images and synthetic targets, with
+  the data loader's own rate (4 workers, pinned memory) beside it.
 
 The last line is `host_ms_per_image=<x> device=<cpu|cuda>` followed by the other figures as `name=value`.
 """
@@ -36,9 +52,12 @@ The last line is `host_ms_per_image=<x> device=<cpu|cuda>` followed by the other
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import statistics
+import subprocess
 import sys
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -53,15 +72,142 @@ from bench._common import encode_jpeg, mask_rles, per_image_loop, photo_like, ra
 MAX_DETECTIONS = 100
 
 
-def make_jpegs(n: int, *, mixed: bool, seed: int = 0) -> list[bytes]:
-    """`n` JPEGs, 640×480 or (`mixed`) 480–800 × 360–640, textured, with 3–8 large ellipses each."""
+# (width, height) of the images of each set, taken in turn; None: drawn per image.
+MIXES: dict[str, tuple[tuple[int, int], ...] | None] = {
+    "phone": ((4000, 3000), (3000, 4000), (640, 480)),
+    "640x480": ((640, 480),),
+    "coco": None,
+}
+
+
+def make_jpegs(n: int, mix: str, *, seed: int = 0, distinct: int = 4) -> list[bytes]:
+    """`n` JPEGs of the set `mix` (see `MIXES`), textured, with 3–8 ellipses each scaled to the image; at most
+    `distinct` different images per size, reused in turn (`coco`: all different)."""
     rng = np.random.default_rng(seed)
-    out = []
-    for _ in range(n):
-        w, h = (int(rng.integers(480, 801)), int(rng.integers(360, 641))) if mixed else (640, 480)
-        image = photo_like(rng, h, w, base=(60, 200), noise=30, shapes=(3, 9), margin=40, extent=(20, 250))
-        out.append(encode_jpeg(image))
+    sizes, made, out = MIXES[mix], {}, []
+    for i in range(n):
+        if sizes is None:
+            w, h = int(rng.integers(480, 801)), int(rng.integers(360, 641))
+            key = i
+        else:
+            w, h = sizes[i % len(sizes)]
+            key = (w, h, (i // len(sizes)) % distinct)
+        if key not in made:
+            scale = max(w, h) / 640
+            image = photo_like(
+                rng,
+                h,
+                w,
+                base=(60, 200),
+                noise=30,
+                shapes=(3, 9),
+                margin=int(40 * scale),
+                extent=(int(20 * scale), int(250 * scale)),
+            )
+            made[key] = encode_jpeg(image)
+        out.append(made[key])
     return out
+
+
+# --- device busy time -------------------------------------------------------------------------------------------------
+
+
+class DeviceSpans:
+    """CUDA-event spans of device work, from any thread: `with spans.span(kind):` records an event on the calling
+    thread's current stream before and after the block; `busy_ms(kinds)` is the union of those spans, in ms of
+    device time. A span runs from when the device reaches the work queued before the block to when it finishes the
+    work queued in it, so it includes gaps in which the device waited for the host between the two. Off CUDA,
+    nothing is recorded and `busy_ms` is None."""
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+        self.spans: list[tuple[str, object, object]] = []
+        self._lock = threading.Lock()
+        if self.cuda:
+            self.origin = torch.cuda.Event(enable_timing=True)
+            self.origin.record()
+
+    @contextlib.contextmanager
+    def span(self, kind: str):
+        if not self.cuda:
+            yield
+            return
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        try:
+            yield
+        finally:
+            end.record()
+            with self._lock:
+                self.spans.append((kind, start, end))
+
+    def busy_ms(self, kinds: tuple[str, ...]) -> float | None:
+        if not self.cuda:
+            return None
+        torch.cuda.synchronize()  # elapsed_time needs both events completed
+        intervals = sorted(
+            (self.origin.elapsed_time(s), self.origin.elapsed_time(e)) for k, s, e in self.spans if k in kinds
+        )
+        busy, until = 0.0, float("-inf")
+        for lo, hi in intervals:  # union: overlapping spans (two threads, one stream) count once
+            lo = max(lo, until)
+            if hi > lo:
+                busy += hi - lo
+                until = hi
+        return busy
+
+
+def nvml_reader(device: torch.device):
+    """A function returning the device's NVML utilisation (% of the last sample period in which a kernel ran), and
+    what it reads: `torch.cuda.utilization()` (needs pynvml), else `nvidia-smi`; (None, why) where neither works."""
+    try:
+        torch.cuda.utilization(device)
+        return (lambda: float(torch.cuda.utilization(device))), "pynvml"
+    except Exception as e:  # pynvml missing (ModuleNotFoundError) or NVML refusing (its own errors)
+        why = f"torch.cuda.utilization: {type(e).__name__}: {e}"
+    try:
+        # nvidia-smi numbers GPUs without CUDA_VISIBLE_DEVICES: name this one by its UUID.
+        ident = f"GPU-{torch.cuda.get_device_properties(device).uuid}"
+        cmd = ["nvidia-smi", f"--id={ident}", "--query-gpu=utilization.gpu", "--format=csv,noheader,nounits"]
+
+        def smi() -> float:
+            return float(subprocess.run(cmd, capture_output=True, text=True, timeout=5, check=True).stdout)
+
+        smi()
+        return smi, "nvidia-smi"
+    except (OSError, ValueError, AttributeError, subprocess.SubprocessError) as e:
+        return None, f"{why}; nvidia-smi: {type(e).__name__}: {e}"
+
+
+class Utilization:
+    """Samples `read()` every `every_s` seconds on a thread while in `with`; `mean` is None without samples."""
+
+    def __init__(self, read, every_s: float = 0.2):
+        self.read, self.every_s, self.samples, self.error = read, every_s, [], None
+        self._stop = threading.Event()
+
+    def __enter__(self) -> Utilization:
+        if self.read is not None:
+            self._thread = threading.Thread(target=self._run, daemon=True)
+            self._thread.start()
+        return self
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.every_s):
+            try:
+                self.samples.append(self.read())
+            except Exception as e:  # a failing read ends the sampling; the error is printed with the figures
+                self.error = f"{type(e).__name__}: {e}"
+                return
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        if self.read is not None:
+            self._thread.join()
+
+    @property
+    def mean(self) -> float | None:
+        return statistics.fmean(self.samples) if self.samples else None
 
 
 # --- the two scripts ------------------------------------------------------------------------------------------------
@@ -72,9 +218,10 @@ def naive(datas: list[bytes], model, device: torch.device) -> float:
     return per_image_loop(model, datas, finish=lambda _, out: mask_rles(out), device=device, warm_finish=True)
 
 
-def actor_path(datas: list[bytes], seg, batch: int) -> float:
-    """images/s of the actor's compute path, laid out as `SegmentWorker` runs it (decode threads → forward on this
-    thread → masks, strings and Arrow on one post thread)."""
+def actor_path(datas: list[bytes], seg, batch: int, nvml=None) -> dict[str, float | None]:
+    """The actor's compute path, laid out as `SegmentWorker` runs it (decode threads → `forward` on this thread →
+    `detections`, strings and Arrow on one post thread): images/s, and on CUDA the device's busy time as a share of
+    the wall time (`DeviceSpans`; `nvml`, a reader from `nvml_reader`, adds NVML's mean utilisation)."""
     from model.decode import decode_image
     from pipeline.segment.writer import detections_table
 
@@ -85,8 +232,9 @@ def actor_path(datas: list[bytes], seg, batch: int) -> float:
         image = decode_image(data, max_pixels=10**9)
         return torch.from_numpy(image).pin_memory() if pin else image
 
-    def finish(outputs, images) -> None:
-        dets = seg.detections(outputs, [(int(i.shape[0]), int(i.shape[1])) for i in images])
+    def finish(outputs, images, spans) -> None:
+        with spans.span("detections"):
+            dets = seg.detections(outputs, [(int(i.shape[0]), int(i.shape[1])) for i in images])
         detections_table(
             [("u", int(i.shape[0]), int(i.shape[1]), d) for i, d in zip(images, dets) if len(d)],
             names,
@@ -94,32 +242,49 @@ def actor_path(datas: list[bytes], seg, batch: int) -> float:
             "r",
         )
 
+    def forward(images, spans):
+        with spans.span("forward"):
+            return seg.forward(images)
+
     with ThreadPoolExecutor(8) as readers, ThreadPoolExecutor(1) as post:
         warm = [decode(datas[0])] * batch
-        finish(seg.forward(warm), warm)  # warm-up (kernels, autocast caches)
+        finish(
+            seg.forward(warm), warm, DeviceSpans(torch.device("cpu"))
+        )  # warm-up (kernels, autocast caches)
         sync(seg.device)
-        start = time.perf_counter()
-        decoded = readers.map(decode, datas)
-        pending, images = [], []
-        for image in decoded:
-            images.append(image)
-            if len(images) == batch:
-                pending.append(post.submit(finish, seg.forward(images), images))
-                images = []
-        if images:
-            pending.append(post.submit(finish, seg.forward(images), images))
-        for f in pending:
-            f.result()
-        sync(seg.device)
-    return len(datas) / (time.perf_counter() - start)
+        spans = DeviceSpans(seg.device)
+        with Utilization(nvml) as util:
+            start = time.perf_counter()
+            decoded = readers.map(decode, datas)
+            pending, images = [], []
+            for image in decoded:
+                images.append(image)
+                if len(images) == batch:
+                    pending.append(post.submit(finish, forward(images, spans), images, spans))
+                    images = []
+            if images:
+                pending.append(post.submit(finish, forward(images, spans), images, spans))
+            for f in pending:
+                f.result()
+            sync(seg.device)
+            wall = time.perf_counter() - start
+    lo, hi = spans.busy_ms(("forward",)), spans.busy_ms(("forward", "detections"))
+    return {
+        "img_s": len(datas) / wall,
+        "busy_lo": None if lo is None else lo / 1e3 / wall,
+        "busy_hi": None if hi is None else hi / 1e3 / wall,
+        "util": None if util.mean is None else util.mean / 100,
+        "util_error": util.error,
+    }
 
 
 # --- the profile and the host path ------------------------------------------------------------------------------------
 
 
 def profile(datas: list[bytes], seg, batch: int, reps: int = 21) -> dict[str, float]:
-    """ms per image of each stage, one after another, synchronised. The host stages are repeated `reps` times on
-    the same inputs and their median taken (they are short, and this machine is noisy)."""
+    """ms per image of each stage, one after another, synchronised. On CUDA the device stages (copy, forward,
+    masks) are timed with CUDA events. The host stages are repeated `reps` times on the same inputs and their
+    median taken (they are short, and this machine is noisy)."""
     import tempfile
 
     from model.decode import decode_image
@@ -138,19 +303,18 @@ def profile(datas: list[bytes], seg, batch: int, reps: int = 21) -> dict[str, fl
         ["decode", "copy", "forward", "masks (device)", "RLE strings (host)", "rows + Arrow (host)"],
         0.0,
     )
-    detections = 0
+    detections, spans = 0, DeviceSpans(device)
     for start in range(0, len(datas), batch):
         chunk = datas[start : start + batch]
         t0 = time.perf_counter()
         images = [decode_image(d, max_pixels=10**9) for d in chunk]
         t1 = time.perf_counter()
-        tensors = [
-            to_tensor(torch.from_numpy(i).pin_memory() if device.type == "cuda" else i, device)
-            for i in images
-        ]
+        pinned = [torch.from_numpy(i).pin_memory() if device.type == "cuda" else i for i in images]
+        with spans.span("copy"):
+            tensors = [to_tensor(i, device) for i in pinned]
         sync(device)
         t2 = time.perf_counter()
-        with torch.inference_mode(), seg._autocast():
+        with torch.inference_mode(), seg._autocast(), spans.span("forward"):
             outputs = forward_to_mask_probs(seg.model, tensors)
         sync(device)
         t3 = time.perf_counter()
@@ -165,7 +329,7 @@ def profile(datas: list[bytes], seg, batch: int, reps: int = 21) -> dict[str, fl
         size_t = torch.tensor([s for s, n in zip(sizes, per) for _ in range(n)], dtype=torch.int64).reshape(
             -1, 2
         )
-        with torch.inference_mode():
+        with torch.inference_mode(), spans.span("masks"):
             changes, lengths, areas = mask_changes(masks, boxes, size_t)
             meta = (
                 torch.cat([boxes.float(), torch.cat([k["scores"] for k in kept]).float()[:, None]], 1)
@@ -199,6 +363,9 @@ def profile(datas: list[bytes], seg, batch: int, reps: int = 21) -> dict[str, fl
         detections += sum(per)
         for name, seconds in zip(t, (t1 - t0, t2 - t1, t3 - t2, t4 - t3, t5 - t4, t6 - t5)):
             t[name] += seconds
+    if spans.cuda:  # the device's own time for its stages, not the host's wait for them
+        for name, kind in (("copy", "copy"), ("forward", "forward"), ("masks (device)", "masks")):
+            t[name] = spans.busy_ms((kind,)) / 1e3
     out = {name: seconds * 1e3 / len(datas) for name, seconds in t.items()}
     out["detections per image"] = detections / len(datas)
     return out
@@ -385,13 +552,23 @@ def training(
 
 
 def main() -> None:
+    from pipeline.segment.settings import batch_size_for
+
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument(
         "--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu"
     )
-    p.add_argument("--images", type=int, default=None, help="per size set (default 64 on cuda, 3 on cpu)")
     p.add_argument(
-        "--batches", default=None, help="batch sizes for the actor path (default 1,8,16 on cuda, 1 on cpu)"
+        "--mix",
+        default="phone,640x480",
+        help=f"image sets, comma-separated, of {sorted(MIXES)}; ratios and host figures on the first",
+    )
+    p.add_argument("--images", type=int, default=None, help="per set (default 48 on cuda, 3 on cpu)")
+    p.add_argument(
+        "--batches",
+        default=None,
+        help="batch sizes for the actor path (default 1,8,16 on cuda, none more on cpu); the job's default "
+        "batch is always added",
     )
     p.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     p.add_argument("--train", action="store_true", help="also training images/s with AMP (cuda)")
@@ -399,12 +576,17 @@ def main() -> None:
         "--drift-weights", default=None, help="checkpoint for the fp16 vs fp32 part (default: random)"
     )
     p.add_argument(
-        "--drift-images", default=None, help="folder of JPEGs for that part (default: the generated)"
+        "--drift-images", default=None, help="folder of JPEGs for that part (default: generated 640x480)"
     )
     args = p.parse_args()
+    mixes = args.mix.split(",")
+    if unknown := [m for m in mixes if m not in MIXES]:
+        p.error(f"--mix: unknown {unknown}, allowed {sorted(MIXES)}")
     cuda = args.device == "cuda"
-    n = args.images or (64 if cuda else 3)
-    batches = [int(b) for b in (args.batches or ("1,8,16" if cuda else "1")).split(",")]
+    n = args.images or (48 if cuda else 3)
+    default_batch = batch_size_for(None, args.device)  # what the job runs when model.batch_size is auto
+    extra = args.batches if args.batches is not None else ("1,8,16" if cuda else "")
+    batches = sorted({default_batch, *(int(b) for b in extra.split(",") if b)})
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
 
@@ -412,21 +594,32 @@ def main() -> None:
     from pipeline.segment.infer import Segmenter
 
     spec = resolve_spec("none")  # torchvision's sizes: 800 / 1333
-    sets = {"640x480": make_jpegs(n, mixed=False), "mixed": make_jpegs(n, mixed=True, seed=1)}
-    name = torch.cuda.get_device_name() if cuda else f"CPU, {args.threads} threads"
+    sets = {mix: make_jpegs(n, mix, seed=k) for k, mix in enumerate(mixes)}
+    main_set = mixes[0]
+    name = torch.cuda.get_device_name(device) if cuda else f"CPU, {args.threads} threads"
     print(
-        f"device: {name}; torch {torch.__version__}; {n} images per set; model R50-FPN random init, 800/1333, "
-        f"score threshold 0, up to {MAX_DETECTIONS} detections per image"
+        f"device: {name}; torch {torch.__version__}; sets {', '.join(mixes)}, {n} images each; model R50-FPN "
+        f"random init, 800/1333, score threshold 0, up to {MAX_DETECTIONS} detections per image; "
+        f"the job's default batch {default_batch}"
     )
+    nvml, nvml_source = nvml_reader(device) if cuda else (None, "not a GPU")
+    if cuda:
+        print(f"NVML utilisation: {nvml_source if nvml else 'unavailable (' + nvml_source + ')'}")
     figures: dict[str, object] = {}
 
+    def named(base: str, mix: str) -> str:  # the first set's figures carry no set name
+        return base if mix == main_set else f"{base}_{mix}"
+
     model = random_model(score=0.0, threads=args.threads, detections=MAX_DETECTIONS).to(device)
-    naive_rate = naive(sets["640x480"], model, device)
+    naive_rate = {}
+    for mix, datas in sets.items():
+        naive_rate[mix] = naive(datas, model, device)
+        print(f"naive script fp32, {mix}: {naive_rate[mix]:.2f} images/s")
+        figures[f"naive_fp32_{mix}_img_s"] = round(naive_rate[mix], 2)
     del model
-    print(f"naive script, 640x480: {naive_rate:.2f} images/s")
-    figures["naive_img_s"] = round(naive_rate, 2)
+    if cuda:
+        torch.cuda.empty_cache()  # the naive paste's full-image canvases
     precisions = ["fp32", "fp16"] if cuda else ["fp32"]
-    best = 0.0
     for precision in precisions:
         seg = Segmenter(
             spec=spec,
@@ -436,28 +629,39 @@ def main() -> None:
             precision=precision,
         )
         for b in batches:
-            for label, datas in sets.items():
-                rate = actor_path(datas, seg, b)
-                best = max(best, rate) if label == "640x480" else best
-                print(f"ours {precision} batch {b:2d} {label:8s}: {rate:7.2f} images/s")
-                figures[f"ours_{precision}_b{b}_{label}_img_s"] = round(rate, 2)
-        b = max(batches)
-        stages = profile(sets["640x480"][: max(b, min(n, 8))], seg, b)
-        device_ms = stages["copy"] + stages["forward"] + stages["masks (device)"]
-        host_ms = stages["RLE strings (host)"] + stages["rows + Arrow (host)"]
-        wall = sum(v for k, v in stages.items() if k != "detections per image")
-        print(
-            f"profile {precision} batch {b} (ms per image, {stages['detections per image']:.0f} detections per image): "
-            + ", ".join(f"{k} {v:.2f}" for k, v in stages.items() if k != "detections per image")
-        )
-        print(
-            f"  device stages {device_ms:.2f} ms, host stages {host_ms:.2f} ms; "
-            f"{'GPU busy' if cuda else 'device share'} {device_ms / wall:.0%} of the sequential wall time"
-        )
-        figures[f"host_ms_{precision}"] = round(host_ms, 3)
-        figures[f"device_ms_{precision}"] = round(device_ms, 2)
+            for mix, datas in sets.items():
+                r = actor_path(datas, seg, b, nvml)
+                busy = ""
+                if cuda:
+                    util = "n/a" if r["util"] is None else f"{r['util']:.0%}"
+                    busy = (
+                        f"; device busy {r['busy_lo']:.0%} (forward) to {r['busy_hi']:.0%} (with detections), "
+                        f"NVML {util}" + (f" ({r['util_error']})" if r["util_error"] else "")
+                    )
+                print(f"ours {precision} batch {b:2d} {mix:8s}: {r['img_s']:7.2f} images/s{busy}")
+                figures[f"ours_{precision}_b{b}_{mix}_img_s"] = round(r["img_s"], 2)
+                if cuda and b == default_batch:
+                    figures[f"gpu_busy_lo_{precision}_b{b}_{mix}"] = round(r["busy_lo"], 3)
+                    figures[f"gpu_busy_hi_{precision}_b{b}_{mix}"] = round(r["busy_hi"], 3)
+                    if r["util"] is not None:
+                        figures[f"gpu_util_{precision}_b{b}_{mix}"] = round(r["util"], 3)
+                if b == default_batch:
+                    ratio = r["img_s"] / naive_rate[mix]
+                    figures[named(f"ours_{precision}_vs_naive_fp32", mix)] = round(ratio, 2)
+        for mix, datas in sets.items():
+            stages = profile(datas[: max(default_batch, min(n, 12))], seg, default_batch)
+            device_ms = stages["copy"] + stages["forward"] + stages["masks (device)"]
+            host_ms = stages["RLE strings (host)"] + stages["rows + Arrow (host)"]
+            print(
+                f"profile {precision} batch {default_batch} {mix} (ms per image, "
+                f"{stages['detections per image']:.0f} detections per image"
+                f"{', device stages by CUDA events' if cuda else ''}): "
+                + ", ".join(f"{k} {v:.2f}" for k, v in stages.items() if k != "detections per image")
+            )
+            print(f"  device stages {device_ms:.2f} ms, host stages {host_ms:.2f} ms per image")
+            figures[named(f"host_ms_{precision}", mix)] = round(host_ms, 3)
+            figures[named(f"device_ms_{precision}", mix)] = round(device_ms, 2)
         del seg
-    figures["ours_vs_naive"] = round(best / naive_rate, 2)
 
     if args.drift_images:
         files = sorted(
@@ -465,7 +669,7 @@ def main() -> None:
         )
         drift_data = [open(os.path.join(args.drift_images, f), "rb").read() for f in files[:16]]
     else:
-        drift_data = sets["640x480"][: (8 if cuda else 2)]
+        drift_data = make_jpegs(8 if cuda else 2, "640x480", seed=100)
     drift_spec = resolve_spec(args.drift_weights) if args.drift_weights else spec
     # bf16 too: on a CPU with AVX-512 it is the job's fast option (model.precision: bf16), not a proxy.
     for other in ("fp16", "bf16"):
@@ -480,7 +684,13 @@ def main() -> None:
         figures.update({f"{other}_{k}": round(v, 4) if isinstance(v, float) else v for k, v in drift.items()})
 
     if args.train:
-        t = training(sets["640x480"], device, batch=8 if cuda else 2, steps=20 if cuda else 2, workers=4)
+        t = training(
+            make_jpegs(min(n, 16), "640x480", seed=200),
+            device,
+            batch=8 if cuda else 2,
+            steps=20 if cuda else 2,
+            workers=4,
+        )
         print(
             f"training, batch {8 if cuda else 2}{' with AMP' if cuda else ''}: {t['train_img_s']:.1f} images/s; "
             f"the data loader alone (4 workers): {t['loader_img_s']:.1f} images/s"

@@ -1,6 +1,7 @@
 """The data plane at scale, measured where it shows on a CPU machine: every figure of the scale-out issue in one run.
 
-    python bench/scale.py [--quick] [--images 1000] [--inputs 100000] [--query-rows 10000000] [--only NAMES]
+    python bench/scale.py [--quick] [--images 1000] [--inputs 100000] [--query-rows 10000000] [--append-inputs 100000]
+                          [--only NAMES]
 
 A 2-second CPU forward pass hides every cost around the model, so each part measures the data plane on its own or
 with the real model at a tiny size (`model.min_size` 64), where the pipeline's own costs show:
@@ -24,6 +25,13 @@ with the real model at a tiny size (`model.min_size` 64), where the pipeline's o
 - query: `--query-rows` detection rows written in the layout the job leaves at its defaults (2,048 images per file,
   ~12 detections per image; `bench/query.py`'s generator), per-label counts through `pipeline.results.sql.sql`
   (what `jobs/query.py ... sql` runs; median of 3 after one untimed run) and `jobs/query.py` itself, wall time.
+
+- append: a second day's S3 Inventory report (`--append-inputs` old keys + a tenth as many new ones) appended to a
+  finished output of the old keys (made directly: plan, completion records, roll-up, config), beside planning the
+  same report into an empty output, each in a driver process of its own stopped at the line that ends planning
+  (Ray start included): the ratio of the two times; the storage requests of the append beyond reading the report
+  (a counting proxy); the same with the first day's report (0 new keys: "nothing new"); the driver's peak RSS
+  appending to an output of `--append-inputs` and of ten times as many inputs.
 
 moto's server runs in a process of its own, so its CPU is not this process's. `--quick` runs each part smaller (in
 under 10 minutes). The last line holds every figure as `name=value`.
@@ -352,6 +360,9 @@ def part_scale(args, work: str) -> dict:
             f"model.min_size={MIN_SIZE}",
             "--set",
             f"model.max_size={MAX_SIZE}",
+            # The layout these figures have always measured (the GPU size); `auto` would pick 64 on this CPU machine.
+            "--set",
+            "input.unit_size=2048",
         ]
         rss = {}
         for name, url, count in (
@@ -455,7 +466,220 @@ def part_query(args, work: str) -> dict:
     return {"query_s": round(statistics.median(times), 3), "query_cli_s": round(cli_s, 2)}
 
 
-PARTS = {"pipeline": part_pipeline, "write": part_write, "scale": part_scale, "query": part_query}
+# --- 5. append: a second day's S3 Inventory added to a finished output ----------------------------------------------
+
+# The job's driver in a process of its own, stopped at the line that ends planning: seconds from its first call into
+# the job (Ray start included) to that line, and its peak RSS then. argv: the config as JSON.
+_PLAN_ONLY = """
+import json, re, sys, time
+import ray
+from pipeline.segment.config import segment_config
+from pipeline.segment.run import segment
+
+class Planned(BaseException):
+    pass
+
+def log(line):
+    print(f"{time.perf_counter() - start:8.2f} {line}", flush=True)
+    if line.startswith(("planned ", "nothing new")):
+        raise Planned
+
+def connect():
+    if not ray.is_initialized():
+        ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR")
+        ray.data.DataContext.get_current().enable_progress_bars = False
+
+start = time.perf_counter()
+try:
+    segment(segment_config(json.loads(sys.argv[1])), log=log, connect=connect)
+except Planned:
+    pass
+seconds = time.perf_counter() - start
+hwm = re.search(r"VmHWM:\\s+(\\d+)", open("/proc/self/status").read())[1]
+print("PLANNED_S", seconds, "DRIVER_MAXRSS_KIB", hwm, flush=True)
+ray.shutdown()
+"""
+
+
+def plan_only(cfg: dict, log: str) -> tuple[float, int, str]:
+    """(seconds to the end of planning, the driver's peak RSS in KiB, its output) of the job on `cfg`."""
+    import json
+
+    with tempfile.TemporaryDirectory(prefix="ba-") as ray_tmp:
+        env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+        env.update(RAY_TMPDIR=ray_tmp, PYTHONPATH=ROOT)
+        r = subprocess.run(
+            [sys.executable, "-c", _PLAN_ONLY, json.dumps(cfg)],
+            capture_output=True,
+            text=True,
+            env=env,
+            cwd=ROOT,
+        )
+    with open(log, "w") as f:
+        f.write(r.stdout + "\n--- stderr\n" + r.stderr)
+    found = re.search(r"PLANNED_S (\S+) DRIVER_MAXRSS_KIB (\d+)", r.stdout)
+    if r.returncode != 0 or not found:
+        raise SystemExit(f"planning failed ({r.returncode}):\n{r.stdout[-2000:]}\n{r.stderr[-3000:]}")
+    return float(found[1]), int(found[2]), r.stdout
+
+
+def finished_output(endpoint: str, url: str, keys: list[str], cfg: dict, unit_size: int = 2048) -> None:
+    """A finished output of `keys` (`s3://archive/<key>`) made directly: the plan as the job writes it, a completion
+    record per unit, one `_stats/` roll-up, `_config.json` with the job's fingerprint, `_SUCCESS.json`. What a
+    finished run leaves, minus the data files (which planning never reads)."""
+    import json
+
+    from pipeline.config import redacted
+    from pipeline.segment import plan as plan_mod
+    from pipeline.segment.config import segment_config
+    from pipeline.segment.run import _resolve_model, fingerprint
+    from pipeline.segment.sources import InputRef
+    from pipeline.segment.storage import Output
+    from pipeline.segment.units import Kind
+
+    opts = {"client_kwargs": {"endpoint_url": endpoint}}
+    out = Output(url, storage_options=opts)
+    refs = (InputRef(Kind.FILES, f"s3://archive/{k}", f"s3://archive/{k}") for k in keys)
+    parts = plan_mod.plan_inputs(
+        refs, plan_url=out.url_of("_plan"), unit_size=unit_size, storage_options=opts
+    )
+    plan = plan_mod.write_index(
+        out.url_of("_plan"), parts, unit_size=unit_size, skipped={}, storage_options=opts
+    )
+    units = []
+    for o in range(plan.units):
+        n = min(unit_size, len(keys) - o * unit_size)
+        units.append(
+            {
+                "unit_id": f"{o:08d}",
+                "images": n,
+                "ok": 0,
+                "errors": n,
+                "detections": 0,
+                "labels": {},
+                "error_reasons": {"read": n},
+            }
+        )
+    out.write_all({f"_committed/{u['unit_id']}.json": json.dumps(u).encode() for u in units})
+    out.write_bytes(
+        "_stats/synthetic-00000.json", json.dumps({"run_id": "synthetic", "units": units}).encode()
+    )
+    c = segment_config(cfg)
+    spec = _resolve_model(c)
+    out.write_json(
+        "_config.json",
+        {
+            "config": redacted(c),
+            "model_id": spec.model_id,
+            "fingerprint": fingerprint(c, spec),
+            "inputs": ["day-1"],
+        },
+    )
+    out.write_json("_SUCCESS.json", {"synthetic": True})
+
+
+def part_append(args, work: str) -> dict:
+    from tests.support.s3inventory import write_inventory
+    from tests.support.s3proxy import FaultyS3
+
+    old_n = args.append_inputs
+    new_n, big_n = old_n // 10, old_n * 10
+    old = [f"photos/p{i % PREFIXES:03d}/img-{i:07d}.jpg" for i in range(big_n)]
+    new = [f"photos/new/img-{i:07d}.jpg" for i in range(new_n)]
+    figures: dict = {}
+    print(
+        f"\n== append: a second day's S3 Inventory ({old_n:,} old + {new_n:,} new keys) appended to a finished "
+        f"{old_n:,}-input output on moto S3"
+    )
+    with moto_in_process() as endpoint, FaultyS3(endpoint, []) as proxy:
+        fs = s3(endpoint)
+        for b in ("archive", "out-empty", "out-a", "out-z", "out-big"):
+            fs.mkdir(b)
+        seen: list[tuple[str, str]] = []
+        decide = proxy.decide
+
+        def counting(method: str, target: str):
+            seen.append((method, target))
+            return decide(method, target)
+
+        proxy.decide = counting
+
+        def report(keys: list[str], day: str) -> str:
+            rows = [["archive", k, "11", "false"] for k in keys]
+            url = write_inventory(fs, "archive", rows, parts=10)
+            dated = url.replace("2026-11-29", day).replace("/daily/", f"/daily-{day}/")
+            for p in fs.find(
+                "archive/inventory/archive/daily/data/"
+            ):  # each day's parts under its own folder
+                fs.copy(p, p.replace("/daily/", f"/daily-{day}/"))
+            doc = (
+                fs.cat_file(url.removeprefix("s3://")).decode().replace("/daily/data/", f"/daily-{day}/data/")
+            )
+            fs.pipe_file(dated.removeprefix("s3://"), doc.encode())
+            return dated
+
+        day2 = report(old[:old_n] + new, "2026-11-30")
+        day1 = report(old[:old_n], "2026-11-29")  # the first day's report: 0 new keys
+        day2_big = report(old + new, "2026-12-01")
+        storage = {"endpoint_url": proxy.endpoint}
+        model = {"weights": "none", "min_size": MIN_SIZE, "max_size": MAX_SIZE}
+
+        def cfg(input_url: str, out: str, mode: str) -> dict:
+            return {
+                "input": {"url": input_url, "unit_size": 2048, "storage": storage},
+                "output": {"url": f"s3://{out}/run", "mode": mode, "storage": storage},
+                "model": model,
+            }
+
+        start = time.perf_counter()
+        finished_output(endpoint, "s3://out-a/run", old[:old_n], cfg(day2, "out-a", "append"))
+        finished_output(endpoint, "s3://out-z/run", old[:old_n], cfg(day1, "out-z", "append"))
+        finished_output(endpoint, "s3://out-big/run", old, cfg(day2_big, "out-big", "append"))
+        print(
+            f"finished outputs of {old_n:,}, {old_n:,} and {big_n:,} inputs made in {time.perf_counter() - start:.0f} s"
+        )
+
+        def measured(name: str, c: dict) -> tuple[float, int, str, int, int]:
+            seen.clear()
+            seconds, kib, output = plan_only(c, os.path.join(work, f"append-{name}.log"))
+            inventory = sum(1 for _, t in seen if "/archive/inventory/" in t)
+            return seconds, kib, output, len(seen), inventory
+
+        base_s, _, base_out, _, _ = measured("empty", cfg(day2, "out-empty", "resume"))
+        assert f"planned {old_n + new_n} inputs" in base_out, base_out[-2000:]
+        app_s, app_kib, app_out, app_req, app_inv = measured("append", cfg(day2, "out-a", "append"))
+        assert f"planned {new_n} new inputs" in app_out, app_out[-2000:]
+        zero_s, _, zero_out, zero_req, zero_inv = measured("zero", cfg(day1, "out-z", "append"))
+        assert "nothing new" in zero_out, zero_out[-2000:]
+        big_s, big_kib, big_out, _, _ = measured("big", cfg(day2_big, "out-big", "append"))
+        assert f"planned {new_n} new inputs" in big_out, big_out[-2000:]
+    print(
+        f"planning the report into an empty output: {base_s:.1f} s; appending it to the finished output: {app_s:.1f} s "
+        f"= {app_s / base_s:.2f}x (driver's first call into the job to its 'planned' line, Ray start included)"
+    )
+    print(
+        f"storage requests of the append: {app_req} in all, {app_req - app_inv} beyond reading the report "
+        f"({app_inv}); with 0 new keys: 'nothing new' in {zero_s:.1f} s, {zero_req - zero_inv} beyond the report"
+    )
+    print(
+        f"driver peak RSS appending to a {old_n:,}-input output: {app_kib / 1024:.0f} MiB; to a {big_n:,}-input "
+        f"output: {big_kib / 1024:.0f} MiB ({big_s:.1f} s)"
+    )
+    figures["append_vs_plan"] = round(app_s / base_s, 2)
+    figures["append_s"] = round(app_s, 1)
+    figures["append_requests"] = app_req - app_inv
+    figures["append_zero_requests"] = zero_req - zero_inv
+    figures["append_rss_growth"] = round(big_kib / app_kib - 1, 3)
+    return figures
+
+
+PARTS = {
+    "pipeline": part_pipeline,
+    "write": part_write,
+    "scale": part_scale,
+    "query": part_query,
+    "append": part_append,
+}
 
 
 def main() -> None:
@@ -471,11 +695,18 @@ def main() -> None:
         "--query-rows", type=int, default=None, help="detection rows to query (default 10^7; quick 10^6)"
     )
     p.add_argument("--latency-ms", type=float, default=50.0, help="added to every request of the write part")
+    p.add_argument(
+        "--append-inputs",
+        type=int,
+        default=None,
+        help="inputs of the finished output the append part adds to (default 100000; quick 10000)",
+    )
     p.add_argument("--only", default=",".join(PARTS), help=f"comma-separated parts: {', '.join(PARTS)}")
     args = p.parse_args()
     args.images = args.images or (150 if args.quick else 1000)
     args.inputs = args.inputs or (10_000 if args.quick else 100_000)
     args.query_rows = args.query_rows or (1_000_000 if args.quick else 10_000_000)
+    args.append_inputs = args.append_inputs or (10_000 if args.quick else 100_000)
     print(f"machine: {os.cpu_count()} CPUs; python {sys.version.split()[0]}")
     figures: dict = {}
     work = tempfile.mkdtemp(prefix="bench-scale-")

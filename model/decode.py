@@ -13,12 +13,18 @@ from __future__ import annotations
 
 import io
 import warnings
+from collections.abc import Callable
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 # Our own cap (`max_pixels`) is checked first; PIL's bomb guard would otherwise raise for large-but-allowed images.
 Image.MAX_IMAGE_PIXELS = None
+
+EXIF_ORIENTATION = 0x0112
+# RGB images over this many pixels are converted to an array band by band, `BAND_BYTES` at a time.
+BANDED_ABOVE_PIXELS = 4_000_000
+BAND_BYTES = 8 << 20
 
 
 class DecodeError(ValueError):
@@ -29,8 +35,13 @@ class DecodeError(ValueError):
         self.reason = reason
 
 
-def decode_image(data: bytes, *, max_pixels: int) -> np.ndarray:
-    """Decode `data` to a C-contiguous uint8 array `[H, W, 3]`. Raises `DecodeError` with a reason."""
+def decode_image(
+    data: bytes, *, max_pixels: int, before_pixels: Callable[[int, int], None] | None = None
+) -> np.ndarray:
+    """Decode `data` to a C-contiguous uint8 array `[H, W, 3]`. Raises `DecodeError` with a reason.
+
+    `before_pixels(width, height)` is called once the header has passed its checks and before any pixel is decoded
+    (the actor reserves the decode's memory there); what it raises is raised as is."""
     if not data:
         raise DecodeError("empty file (0 bytes)")
     try:
@@ -44,11 +55,15 @@ def decode_image(data: bytes, *, max_pixels: int) -> np.ndarray:
         raise DecodeError(f"invalid image size {width}x{height}")
     if width * height > max_pixels:
         raise DecodeError(f"too many pixels: {width}x{height} = {width * height} > max_pixels={max_pixels}")
+    if before_pixels is not None:
+        before_pixels(width, height)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # e.g. "Corrupt EXIF data": the pixels are still fine
             img.load()
-            img = ImageOps.exif_transpose(img)
+            # exif_transpose returns a copy even of an upright image: a second full-size image for nothing.
+            if img.getexif().get(EXIF_ORIENTATION, 1) != 1:
+                img = ImageOps.exif_transpose(img)
         return _to_rgb8(img)
     except DecodeError:
         raise
@@ -80,4 +95,13 @@ def _to_rgb8(img: Image.Image) -> np.ndarray:
         img = Image.alpha_composite(background, rgba)
     if img.mode != "RGB":
         img = img.convert("RGB")  # L, 1, CMYK (PIL handles Adobe's inverted CMYK JPEGs), YCbCr, LAB, HSV
-    return np.array(img, dtype=np.uint8)  # a writable copy: torch.from_numpy refuses read-only arrays
+    width, height = img.size
+    if width * height <= BANDED_ABOVE_PIXELS:
+        return np.array(img, dtype=np.uint8)  # a writable copy: torch.from_numpy refuses read-only arrays
+    # NumPy's conversion goes through one `tobytes()` of the whole image (3 bytes per pixel more at the peak, beside
+    # PIL's 4 and the array's 3): copy band by band instead.
+    out = np.empty((height, width, 3), dtype=np.uint8)
+    rows = max(1, BAND_BYTES // (width * 3))
+    for y in range(0, height, rows):
+        out[y : y + rows] = np.asarray(img.crop((0, y, width, min(height, y + rows))))
+    return out

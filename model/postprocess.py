@@ -101,23 +101,42 @@ def to_detections(output: dict[str, torch.Tensor], *, score_threshold: float) ->
 
 
 def forward_to_mask_probs(
-    model: torch.nn.Module, images: list[torch.Tensor]
+    model: torch.nn.Module,
+    images: list[torch.Tensor],
+    *,
+    original_sizes: list[tuple[int, int]] | None = None,
 ) -> list[dict[str, torch.Tensor]]:
     """torchvision Mask R-CNN's eval forward pass without the full-image mask paste.
 
     `images`: float `[3, H, W]` in 0–1 (the model's input contract). Returns one dict per image: `boxes [N, 4]` xyxy
     in input-image pixels (rescaled exactly as `transform.postprocess` does), `labels [N]`, `scores [N]`
     (descending), `masks [N, 1, M, M]` the mask head's probabilities for the predicted class (M = 28), not pasted.
-    The caller picks the grad mode (`torch.inference_mode()`).
+    `original_sizes` (`(H, W)` per image): an image whose tensor is smaller than its original size was already
+    resized to the model's size (`model.resize.shrink_for_model`): the transform only normalises it, and its boxes
+    are reported at the original size. The caller picks the grad mode (`torch.inference_mode()`).
     """
     from collections import OrderedDict
 
+    from torchvision.models.detection.image_list import ImageList
     from torchvision.models.detection.transform import resize_boxes
 
     if model.training:
         raise ValueError("forward_to_mask_probs needs the model in eval mode (model.eval())")
-    original_sizes = [(int(img.shape[-2]), int(img.shape[-1])) for img in images]
-    image_list, _ = model.transform(images)
+    given = [(int(img.shape[-2]), int(img.shape[-1])) for img in images]
+    original_sizes = given if original_sizes is None else [(int(h), int(w)) for h, w in original_sizes]
+    if original_sizes == given:
+        image_list, _ = model.transform(images)
+    else:
+        # `GeneralizedRCNNTransform.forward`'s steps, with the resize left out for the images already resized.
+        t = model.transform
+        prepared = []
+        for img, size, original in zip(images, given, original_sizes):
+            img = t.normalize(img)
+            if size == original:
+                img, _ = t.resize(img, None)
+            prepared.append(img)
+        sizes = [(int(img.shape[-2]), int(img.shape[-1])) for img in prepared]
+        image_list = ImageList(t.batch_images(prepared, size_divisible=t.size_divisible), sizes)
     features = model.backbone(image_list.tensors)
     # As GeneralizedRCNN.forward: a backbone returning one feature map gets the key "0".
     if isinstance(features, torch.Tensor):

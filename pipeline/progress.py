@@ -64,6 +64,23 @@ class Progress:
             self._last_line = now
             self._log(line())
 
+    def set(self, n: int, *, status: str | None = None, line: Callable[[], str] | None = None) -> None:
+        """Like `update`, with the position given whole (counts that include work in flight may go down as well as
+        up: a unit that fails and runs again starts its in-flight count from zero)."""
+        if self._bar is not None:
+            if status is not None:
+                self._bar.set_postfix_str(status, refresh=False)
+            self._bar.n = n
+            self._bar.refresh()
+            return
+        self.update(0, line=line)
+
+    def due_in(self) -> float:
+        """Seconds until plain mode's next line is due (a caller polling for news can wake then); inf when live."""
+        if self._bar is not None:
+            return float("inf")
+        return max(0.0, self._interval_s - (time.perf_counter() - self._last_line))
+
     def write(self, text: str) -> None:
         """A line that stays: above the live bar on a terminal, through `log` otherwise."""
         if self._bar is not None:

@@ -75,17 +75,18 @@ def shapes_dir(tmp_path_factory):
     return root
 
 
-def plan_units(refs, *, plan_url: str, unit_size: int):
+def plan_units(refs, *, plan_url: str, unit_size: int, storage_options: dict | None = None):
     """Plan `refs` (InputRefs) under `plan_url` as the job does; returns the plan's units (all pending)."""
     import pyarrow as pa
 
     from pipeline.segment.plan import pending_parts, plan_inputs, write_index
     from pipeline.segment.units import expand_parts, units_from_table
 
-    parts = plan_inputs(refs, plan_url=plan_url, unit_size=unit_size)
-    plan = write_index(plan_url, parts, unit_size=unit_size, skipped={})
+    opts = storage_options
+    parts = plan_inputs(refs, plan_url=plan_url, unit_size=unit_size, storage_options=opts)
+    plan = write_index(plan_url, parts, unit_size=unit_size, skipped={}, storage_options=opts)
     items = pa.Table.from_pylist(pending_parts(plan, np.zeros(plan.units, dtype=bool)))
-    return units_from_table(expand_parts(items, plan_url=plan.url, unit_size=unit_size))
+    return units_from_table(expand_parts(items, plan_url=plan.url, unit_size=unit_size, plan_options=opts))
 
 
 @pytest.fixture(scope="session")

@@ -19,9 +19,9 @@ class InputConfig:
     url: str | None = None
     max_pixels: int = 100_000_000
     # Loose files per work unit: the unit of retry, of resume and of storage (one images/ and one detections/ file
-    # each). 2,048 keeps an archive of 10^6 images at ~490 files per table (~1,500 objects with the completion
-    # records) while a unit is a few seconds of one GPU; on CPU-only clusters lower it for finer resume.
-    unit_size: int = 2048
+    # each). None ("auto"): decided when the output is planned, from the cluster (`plan.auto_unit_size`: 2,048 with
+    # GPUs, 64 on CPU only) and stored in the plan, which every later run on the output keeps.
+    unit_size: int | None = None
     storage: StorageConfig = dataclasses.field(default_factory=StorageConfig)
 
     def storage_options(self) -> dict[str, Any]:
@@ -31,7 +31,9 @@ class InputConfig:
 @dataclasses.dataclass(frozen=True)
 class OutputConfig:
     url: str | None = None
-    mode: Literal["resume", "overwrite"] = "resume"
+    # resume: continue the stored plan; append: add the inputs the input holds now that the output lacks
+    # (`pipeline.segment.append`); overwrite: start again.
+    mode: Literal["resume", "overwrite", "append"] = "resume"
     # Seconds a run's lease on the output lasts without renewal (renewed every third of it): how long a second run
     # waits before it may take over the output of a run that died without releasing it (S3 outputs; local outputs
     # use a lock the operating system drops with the process).
@@ -72,6 +74,9 @@ class ComputeConfig:
     # Threads per actor that read and decode the next images while the model runs (I/O-bound reads from object
     # storage need many in flight; decoding releases the GIL). None ("auto"): settings.IO_THREADS.
     io_threads: int | None = None
+    # MiB of decoded images an actor may hold at once (read ahead, batched, being post-processed). None ("auto"): an
+    # eighth of the node's memory per actor, between 256 MiB and 2 GiB (settings.image_memory_for).
+    image_memory_mb: int | None = None
     read_cpus: float = 0.25
 
 
@@ -100,6 +105,7 @@ _RANGES: dict[str, tuple[float, float]] = {
     "compute.cpus_per_actor": (0.0, 1024.0),
     "compute.threads_per_actor": (1, 1024),
     "compute.io_threads": (1, 256),
+    "compute.image_memory_mb": (64, 1_048_576),
     "compute.read_cpus": (0.01, 64.0),
     "output.lease_s": (3.0, 86_400.0),
     "progress_interval_s": (0.1, 86_400.0),

@@ -64,15 +64,23 @@ class Segmenter:
         """RGB uint8 `[H, W, 3]` images → `Detections` per image (one forward pass for the whole list)."""
         return self.detections(self.forward(images), [image_size(img) for img in images])
 
-    def forward(self, images: Sequence[np.ndarray | torch.Tensor]) -> list[dict[str, torch.Tensor]]:
-        """The model up to its mask head (`forward_to_mask_probs`), outputs left on the device.
+    def forward(
+        self,
+        images: Sequence[np.ndarray | torch.Tensor],
+        original_sizes: Sequence[tuple[int, int]] | None = None,
+    ) -> list[dict[str, torch.Tensor]]:
+        """The model up to its mask head (`forward_to_mask_probs`), outputs left on the device. `original_sizes`:
+        `(H, W)` of each image as decoded, where an image was already shrunk to the model's size on the read
+        threads (`model.resize.shrink_for_model`); boxes come back at that size.
 
         Under fp16, autocast runs the convolutions and matrix products in half precision; torchvision keeps `nms`
         and `roi_align` in fp32 under autocast (casting the model itself with `.half()` would break `nms`).
         """
         tensors = [to_tensor(img, self.device) for img in images]
         with torch.inference_mode(), self._autocast():
-            outputs = forward_to_mask_probs(self.model, tensors)
+            outputs = forward_to_mask_probs(
+                self.model, tensors, original_sizes=list(original_sizes) if original_sizes else None
+            )
         if self.precision == "bf16":
             # bfloat16 mask probabilities and boxes are cast back once here, so pasting, thresholds and RLE
             # encoding run the same fp32 code on every precision.

@@ -6,11 +6,15 @@ This module stores what they yield:
 
     _plan/files-<source>-<seq>.parquet   loose files (read_url, image_uri); one row group per work unit
     _plan/tars-<source>-<seq>.parquet    tar shards (read_url, image_uri); each row is one work unit
+    _plan/g<generation>/...parquet       parts added by an append (`pipeline.segment.append`), named as above
     _plan/index.json                     written last: the unit size and the parts with their input and unit counts
 
 The plan is written once and reused by every re-run (which therefore never lists the input again). A unit's id is
 its ordinal in index order; the driver holds the parts, never the units (`pending_parts` → Ray Data →
-`pipeline.segment.units.expand_parts`).
+`pipeline.segment.units.expand_parts`). An append adds a generation: its parts are staged under `g<generation>/`
+and numbered after every existing unit, then the index is published again, so an existing unit keeps its ordinal
+(and its files and completion record) whatever is added later; parts staged without an index naming them are
+nobody's and are removed by the next append.
 """
 
 from __future__ import annotations
@@ -37,6 +41,25 @@ INDEX = "index.json"
 PART_UNITS = 32  # work units per files part: 65,536 rows at the default unit size
 TAR_PART_ROWS = 4096  # shards per tars part
 
+# `input.unit_size: auto`, decided when an output is first planned and stored in its index. A unit should be minutes
+# of one actor's work, so that a crash costs little and progress moves: a GPU runs 2,048 images in a few seconds to
+# a minute; a CPU actor takes ~2 s per image at 800 px (BENCHMARKS.md), so 64 images are ~2 minutes.
+UNIT_SIZE_GPU = 2048
+UNIT_SIZE_CPU = 64
+
+
+def auto_unit_size(*, device: str, gpus_per_actor: float | None, cluster_gpus: float) -> int:
+    """The unit size `auto` stands for: large where the actors will run on GPUs (the cluster has some and
+    `model.device` / `compute.gpus_per_actor` allow them), small on CPU-only clusters."""
+    if device == "cuda" or (device == "auto" and cluster_gpus > 0 and gpus_per_actor != 0):
+        return UNIT_SIZE_GPU
+    return UNIT_SIZE_CPU
+
+
+def generation_folder(generation: int) -> str:
+    """Where an append's parts are staged under `_plan/` (generation 0, the first planning, is `_plan/` itself)."""
+    return f"g{generation:05d}"
+
 
 @dataclasses.dataclass(frozen=True)
 class PlanPart:
@@ -56,6 +79,13 @@ class Plan:
     unit_size: int
     parts: tuple[PlanPart, ...]
     skipped: dict[str, int]  # what planning left out, by reason (duplicate manifest lines, ...)
+    # One entry per append that added parts: generation, input, inputs, units, first_unit (index order).
+    generations: tuple[dict, ...] = ()
+
+    @property
+    def generation(self) -> int:
+        """The latest generation of parts: 0 until an append adds some."""
+        return self.generations[-1]["generation"] if self.generations else 0
 
     @property
     def inputs(self) -> int:
@@ -71,19 +101,26 @@ class PlanWriter:
 
     Files parts hold `unit_size * PART_UNITS` rows in row groups of `unit_size` (row group k = work unit k of the
     part, read by one ranged request); tars parts hold `TAR_PART_ROWS` shards, one unit each. `source` numbers the
-    writer (one per manifest file read in parallel) so that parts from different writers never share a name.
+    writer (one per manifest file read in parallel) so that parts from different writers never share a name;
+    `folder` puts the parts in a sub-folder of `plan_url` (an append's generation), their names then relative paths.
     """
 
     def __init__(
-        self, plan_url: str, *, unit_size: int, source: int = 0, storage_options: dict | None = None
+        self,
+        plan_url: str,
+        *,
+        unit_size: int,
+        source: int = 0,
+        storage_options: dict | None = None,
+        folder: str = "",
     ):
         self.fs, self.root = fsspec.core.url_to_fs(plan_url, **(storage_options or {}))
-        self.unit_size, self.source = unit_size, source
+        self.unit_size, self.source, self.folder = unit_size, source, folder
         self.parts: list[PlanPart] = []
         self._rows: dict[Kind, tuple[list[str], list[str]]] = {kind: ([], []) for kind in Kind}
         self._seq = 0
         if is_local(self.fs):
-            self.fs.makedirs(self.root, exist_ok=True)
+            self.fs.makedirs(posixpath.join(self.root, folder), exist_ok=True)
 
     def add(self, ref: InputRef) -> None:
         urls, uris = self._rows[ref.kind]
@@ -101,7 +138,7 @@ class PlanWriter:
         urls, uris = self._rows[kind]
         if not urls:
             return
-        name = f"{kind.value}-{self.source:05d}-{self._seq:05d}.parquet"
+        name = posixpath.join(self.folder, f"{kind.value}-{self.source:05d}-{self._seq:05d}.parquet")
         self._seq += 1
         table = pa.table({"read_url": urls, "image_uri": uris}, schema=PART_SCHEMA)
         buf = io.BytesIO()
@@ -193,21 +230,57 @@ def write_index(
     storage_options: dict | None = None,
 ) -> Plan:
     """Number the units (parts in name order) and publish the index: from now on the plan is what re-runs use."""
-    fs, root = fsspec.core.url_to_fs(plan_url, **(storage_options or {}))
     numbered, first = [], 0
     for part in sorted(parts, key=lambda p: p.name):
         numbered.append(dataclasses.replace(part, first_unit=first))
         first += part.units
-    doc = {
-        "version": 2,
-        "unit_size": unit_size,
+    plan = Plan(url=plan_url.rstrip("/"), unit_size=unit_size, parts=tuple(numbered), skipped=dict(skipped))
+    _publish_index(plan, storage_options)
+    return plan
+
+
+def append_generation(
+    plan: Plan,
+    parts: list[PlanPart],
+    *,
+    input_url: str,
+    listed: int,
+    storage_options: dict | None = None,
+) -> Plan:
+    """Publish `plan` plus `parts` (an append's, staged under `generation_folder(plan.generation + 1)`) as the new
+    index: the new parts numbered after every existing unit, the existing ones unchanged. Until this index is
+    published nothing refers to the staged parts; once it is, they are the plan's like any other."""
+    numbered, first = [], plan.units
+    for part in sorted(parts, key=lambda p: p.name):
+        numbered.append(dataclasses.replace(part, first_unit=first))
+        first += part.units
+    entry = {
+        "generation": plan.generation + 1,
+        "input": input_url,
+        "listed": listed,
         "inputs": sum(p.inputs for p in numbered),
-        "units": first,
-        "skipped": dict(skipped),
-        "parts": [p.to_json() for p in numbered],
+        "units": first - plan.units,
+        "first_unit": plan.units,
+    }
+    new = dataclasses.replace(
+        plan, parts=plan.parts + tuple(numbered), generations=(*plan.generations, entry)
+    )
+    _publish_index(new, storage_options)
+    return new
+
+
+def _publish_index(plan: Plan, storage_options: dict | None) -> None:
+    fs, root = fsspec.core.url_to_fs(plan.url, **(storage_options or {}))
+    doc = {
+        "version": 3,  # 2 + generations; readers take both
+        "unit_size": plan.unit_size,
+        "inputs": plan.inputs,
+        "units": plan.units,
+        "skipped": dict(plan.skipped),
+        "parts": [p.to_json() for p in plan.parts],
+        "generations": list(plan.generations),
     }
     publish(fs, posixpath.join(root, INDEX), (json.dumps(doc, indent=1) + "\n").encode())
-    return Plan(url=plan_url.rstrip("/"), unit_size=unit_size, parts=tuple(numbered), skipped=dict(skipped))
 
 
 def load_plan(plan_url: str, *, storage_options: dict | None = None) -> Plan | None:
@@ -219,7 +292,11 @@ def load_plan(plan_url: str, *, storage_options: dict | None = None) -> Plan | N
         return None
     parts = tuple(PlanPart(**{**p, "kind": Kind(p["kind"])}) for p in doc["parts"])
     return Plan(
-        url=plan_url.rstrip("/"), unit_size=doc["unit_size"], parts=parts, skipped=doc.get("skipped", {})
+        url=plan_url.rstrip("/"),
+        unit_size=doc["unit_size"],
+        parts=parts,
+        skipped=doc.get("skipped", {}),
+        generations=tuple(doc.get("generations", ())),
     )
 
 
@@ -232,7 +309,17 @@ def clear_partial_plan(plan_url: str, *, storage_options: dict | None = None) ->
     except FileNotFoundError:
         return
     if names:
-        retry.call(fs.rm, names)
+        retry.call(fs.rm, names, recursive=True)
+
+
+def clear_generation(plan_url: str, generation: int, *, storage_options: dict | None = None) -> None:
+    """Remove what an append that never published its index staged for `generation` (nothing refers to it)."""
+    fs, root = fsspec.core.url_to_fs(plan_url, **(storage_options or {}))
+    folder = posixpath.join(root, generation_folder(generation))
+    try:
+        retry.call(fs.rm, folder, recursive=True)
+    except FileNotFoundError:
+        pass
 
 
 def pending_parts(plan: Plan, done: np.ndarray) -> list[dict]:

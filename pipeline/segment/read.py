@@ -3,7 +3,10 @@
 Runs inside the inference actor. `decoded_inputs(unit, ...)` yields one `Decoded` per input of the unit, in the
 unit's order, while `io_threads` threads fetch and decode the next ones: object-store reads take tens of
 milliseconds each and need many in flight, and PIL decodes with the GIL released, so neither holds up the model
-on the actor's main thread. At most `depth` inputs are fetched or decoded ahead (memory: `depth` decoded images).
+on the actor's main thread. At most `depth` inputs are fetched or decoded ahead, and their pixels are bounded in
+bytes by the actor's `pipeline.segment.memory.ImageMemory` (a decode reserves its cost before it starts). An image
+far larger than the model's input is shrunk to it here, in 8 bits (`model.resize.shrink_for_model`), so its
+full-resolution pixels live only for the moment of its decode.
 
 Per-input failures are data, never exceptions: a read that fails after retries, bytes that are not an image, an
 image too thin for the model's sizes each become a `Decoded` with `error` set (and the same reasons as the
@@ -25,8 +28,10 @@ import numpy as np
 import torch
 
 from model.decode import DecodeError, decode_image
+from model.resize import shrink_for_model
 from pipeline import retry
 from pipeline.errors import describe_storage_error
+from pipeline.segment.memory import DECODE_BYTES_PER_PIXEL, ImageMemory, UnitMemory
 from pipeline.segment.naming import is_image_name, member_uri, read_member, split_tar_member
 from pipeline.segment.units import Kind, Unit, read_unit_list
 
@@ -42,6 +47,17 @@ class Decoded:
     # The input's own `images` columns, by name (`pipeline.segment.schema.INPUT_COLUMNS`): bytes, source_version,
     # decode_ms, height, width. A column added to the schema is filled here, where its value is known.
     columns: dict = dataclasses.field(default_factory=dict)
+    # The bytes of `image` counted against the actor's memory budget, returned by `drop_image`.
+    reserved: int = 0
+    # The unit's share of the budget (not a field: `dataclasses.asdict` and comparisons leave it out).
+    memory = None  # UnitMemory | None
+
+    def drop_image(self) -> None:
+        """The pixels are done with: free them and return their bytes to the budget."""
+        self.image = None
+        if self.memory is not None:
+            self.memory.release(self.reserved)
+        self.reserved = 0
 
     @property
     def height(self) -> int | None:
@@ -81,13 +97,20 @@ def decoded_inputs(
     threads: int = 16,
     depth: int | None = None,
     pin_memory: bool = False,
+    memory: UnitMemory | None = None,
 ) -> Iterator[Decoded]:
     """The unit's inputs, decoded, in order; `threads` fetch and decode ahead, at most `depth` (default
-    `2 * threads`) inputs in flight. `pin_memory`: images come as page-locked uint8 tensors (for a GPU, which copies
-    them without staging; the copy into pinned memory happens here, on the read threads)."""
-    check = _Checks(max_pixels=max_pixels, min_size=min_size, max_size=max_size, pin_memory=pin_memory)
+    `2 * threads`) inputs in flight and their pixels within `memory` (default: no byte bound). `pin_memory`: images
+    up to `PIN_MAX_BYTES` come as page-locked uint8 tensors (for a GPU, which copies them without staging; the copy
+    into pinned memory happens here, on the read threads)."""
+    memory = memory or ImageMemory(1 << 62).unit()
+    check = _Checks(
+        max_pixels=max_pixels, min_size=min_size, max_size=max_size, pin_memory=pin_memory, memory=memory
+    )
     jobs = _jobs(unit, input_options or {}, plan_options or {}, check.decode)
-    yield from _run_ahead(jobs, threads=threads, depth=depth or 2 * threads)
+    for item in _run_ahead(jobs, threads=threads, depth=depth or 2 * threads):
+        memory.consumed(item.index)
+        yield item
 
 
 def _jobs(unit: Unit, input_options: dict, plan_options: dict, finish: Callable) -> Iterator[Callable]:
@@ -158,12 +181,31 @@ def _pool(threads: int):
     return concurrent.futures.ThreadPoolExecutor(max(1, threads), thread_name_prefix="read")
 
 
+# Images up to this size are pinned for a GPU. Larger ones stay in pageable memory: torch's caching host allocator
+# rounds a pinned block up to a power of two and keeps it for the life of the process (a 300 MB photo would hold
+# 512 MB of page-locked memory for good), and the copy of a rare huge image gains little from pinning.
+PIN_MAX_BYTES = 64 << 20
+
+
+def pin(image: np.ndarray) -> np.ndarray | torch.Tensor:
+    """`image` as a page-locked tensor where that is worth it and possible; the array itself otherwise. A failed
+    pin (page-locked memory is a limited resource of the node: `cudaHostAlloc` fails with a plain `RuntimeError`)
+    falls back to pageable memory: slower to copy, never a failed unit."""
+    if image.nbytes > PIN_MAX_BYTES:
+        return image
+    try:
+        return torch.from_numpy(image).pin_memory()
+    except RuntimeError:
+        return image
+
+
 @dataclasses.dataclass(frozen=True)
 class _Checks:
     max_pixels: int
     min_size: int
     max_size: int
     pin_memory: bool = False
+    memory: UnitMemory | None = None
 
     def decode(
         self,
@@ -177,18 +219,33 @@ class _Checks:
         if read_error is not None:
             return Decoded(index, image_uri, error=read_error, columns={"source_version": version})
         item = Decoded(index, image_uri, columns={"bytes": len(data), "source_version": version})
+        item.memory = self.memory
+        reserved = 0
+
+        def reserve(width: int, height: int) -> None:
+            nonlocal reserved
+            nbytes = width * height * DECODE_BYTES_PER_PIXEL
+            self.memory.reserve(index, nbytes)
+            reserved = nbytes
+
         t0 = time.perf_counter()
         try:
-            image = decode_image(data, max_pixels=self.max_pixels)
-        except DecodeError as e:
-            item.error = e.reason
-            return item
+            try:
+                image = decode_image(data, max_pixels=self.max_pixels, before_pixels=reserve)
+            except DecodeError as e:
+                item.error = e.reason
+                return item
+            finally:
+                item.columns["decode_ms"] = (time.perf_counter() - t0) * 1e3
+            del data  # the encoded bytes are no longer needed
+            item.columns.update(height=int(image.shape[0]), width=int(image.shape[1]))
+            item.error = too_thin(item.height, item.width, self.min_size, self.max_size)
+            if item.error is None:
+                image = shrink_for_model(image, min_size=self.min_size, max_size=self.max_size)
+                item.image = pin(image) if self.pin_memory else image
+                item.reserved = min(image.nbytes, reserved)
         finally:
-            item.columns["decode_ms"] = (time.perf_counter() - t0) * 1e3
-        item.columns.update(height=int(image.shape[0]), width=int(image.shape[1]))
-        item.error = too_thin(item.height, item.width, self.min_size, self.max_size)
-        if item.error is None:
-            item.image = torch.from_numpy(image).pin_memory() if self.pin_memory else image
+            self.memory.release(reserved - item.reserved)  # keep only what is handed on
         return item
 
 
@@ -249,7 +306,11 @@ def _read_object(fs, path: str) -> tuple[bytes, str | None]:
     size = info.get("size")
     if size == 0:
         return b"", object_version(info)
-    data = retry.call(fs.cat_file, path, start=0, end=size) if size is not None else retry.call(fs.cat_file, path)
+    data = (
+        retry.call(fs.cat_file, path, start=0, end=size)
+        if size is not None
+        else retry.call(fs.cat_file, path)
+    )
     return data, object_version(info)
 
 

@@ -82,3 +82,29 @@ def cluster_resources() -> tuple[float, list[float]]:
     gpus = float(ray.cluster_resources().get("GPU", 0))
     nodes = [n["Resources"].get("CPU", 0.0) for n in ray.nodes() if n.get("Alive")]
     return gpus, [c for c in nodes if c > 0]
+
+
+def memory_per_actor(res: Resources, nodes: list[dict]) -> float | None:
+    """Bytes of memory each inference actor has on the nodes that can run one (pure): a node's Ray `memory` resource
+    over the actors it holds (GPU pools: its GPUs over `gpus_per_actor`; CPU pools: its CPUs, less `read_cpus`,
+    over `cpus_per_actor`), the smallest over those nodes. A head with no CPUs or a CPU node of a GPU pool holds
+    none and does not count. None when no node says."""
+    shares = []
+    for node in nodes:
+        memory = node.get("memory")
+        if not memory:
+            continue
+        if res.device == "cuda":
+            fit = int(node.get("GPU", 0) // res.gpus_per_actor) if res.gpus_per_actor else 0
+        else:
+            fit = int((node.get("CPU", 0) - res.read_cpus) // res.cpus_per_actor) if res.cpus_per_actor else 1
+        if fit >= 1:
+            shares.append(memory / fit)
+    return min(shares) if shares else None
+
+
+def node_resources() -> list[dict]:
+    """The resources (`CPU`, `GPU`, `memory`, ...) of each alive node of the connected Ray cluster."""
+    import ray
+
+    return [dict(n["Resources"]) for n in ray.nodes() if n.get("Alive")]

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import threading
 import time
 import uuid
 from collections import Counter
@@ -24,31 +25,74 @@ import numpy as np
 
 from model.build import ModelSpec, resolve_spec
 from model.checkpoint import CheckpointError
+from pipeline import retry
 from pipeline.config import ConfigError, redacted
 from pipeline.errors import JobError, describe_storage_error, one_line, root_cause
 from pipeline.progress import Progress
+from pipeline.segment import append as append_mod
 from pipeline.segment import plan as plan_mod
 from pipeline.segment import sources
 from pipeline.segment.config import SegmentConfig
 from pipeline.segment.lease import Lease
 from pipeline.segment.ledger import StatsLog, committed_stats, committed_units
+from pipeline.segment.live import ProgressBoard, in_flight
 from pipeline.segment.naming import IMAGE_EXTENSIONS
 from pipeline.segment.plan import Plan
-from pipeline.segment.resources import Resources, cluster_resources, plan_resources
+from pipeline.segment.resources import (
+    Resources,
+    cluster_resources,
+    memory_per_actor,
+    node_resources,
+    plan_resources,
+)
 from pipeline.segment.schema import COMMITTED_DIR, CONFIG_FILE, FAULTS_DIR, PLAN_DIR, SUCCESS_FILE
-from pipeline.segment.settings import FP16_ON_CPU, WorkerSettings, batch_size_for, resolve_precision
+from pipeline.segment.settings import (
+    FP16_ON_CPU,
+    WorkerSettings,
+    batch_size_for,
+    image_memory_for,
+    resolve_precision,
+)
 from pipeline.segment.storage import Output
 from pipeline.segment.summary import RunSummary
 from pipeline.segment.units import Kind, expand_parts, stats_from_row, unit_id
 from pipeline.segment.worker import SegmentWorker
 
+# Units an inference actor runs at once (`pipeline.segment.worker`: the next one reads while the last one commits).
+UNITS_PER_ACTOR = 2
+# Seconds between the driver's looks at the live counts (`pipeline.segment.live`).
+POLL_S = 0.5
+
 # --- the job ---------------------------------------------------------------------------------------------------------
 
 
 def fingerprint(cfg: SegmentConfig, spec: ModelSpec) -> str:
-    """What decides the results: input, model and its thresholds. Not resources, batch size or device."""
+    """What decides each input's results: the model, its sizes and thresholds, the pixel cap. Not the input (an
+    append adds another input's images to the same results), not the unit size (an output keeps its plan's), not
+    resources, batch size or device."""
     keyed = {
-        "input": {"url": cfg.input.url, "max_pixels": cfg.input.max_pixels, "unit_size": cfg.input.unit_size},
+        "version": 2,
+        "max_pixels": cfg.input.max_pixels,
+        "model_id": spec.model_id,
+        "min_size": spec.min_size,
+        "max_size": spec.max_size,
+        "score_threshold": cfg.model.score_threshold,
+        "max_detections": cfg.model.max_detections,
+    }
+    return hashlib.sha256(json.dumps(keyed, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _fingerprint_v1(cfg: SegmentConfig, spec: ModelSpec, previous: dict) -> str:
+    """The fingerprint of outputs written before appends existed, which also hashed the input URL and unit size:
+    computed with those of the run that wrote `previous` (its `_config.json` "config"), so that it matches when the
+    model settings do."""
+    written = previous.get("input") or {}
+    keyed = {
+        "input": {
+            "url": written.get("url"),
+            "max_pixels": cfg.input.max_pixels,
+            "unit_size": written.get("unit_size"),
+        },
         "model_id": spec.model_id,
         "min_size": spec.min_size,
         "max_size": spec.max_size,
@@ -83,7 +127,7 @@ def segment(
     with Lease(out, run_id, cfg.output.lease_s).acquire(log) as lease:
         fp = fingerprint(cfg, spec)
         _prepare_output(out, cfg, spec, fp, run_id)
-        plan = _plan(cfg, out, connect, log)
+        plan, planned_now = _plan(cfg, out, connect, log)
         for what, n in plan.skipped.items():
             log(f"planning: skipped {n} {what} (each input is processed once)")
         done = committed_units(out, plan.units)
@@ -105,6 +149,17 @@ def segment(
             log(
                 f"resuming: {summary.units_skipped} of {plan.units} units already committed "
                 f"({summary.images_skipped} inputs skipped), {pending} to do"
+            )
+        if not pending and not planned_now and cfg.output.mode == "resume":
+            # A finished output: a re-run never plans the input again, so say whether it grew (where looking is
+            # cheap) and how to add what is new, rather than end silently.
+            log(
+                append_mod.growth_hint(
+                    cfg.input.url,
+                    plan,
+                    input_options=cfg.input.storage_options(),
+                    plan_options=cfg.output.storage_options(),
+                )
             )
         try:
             if pending:
@@ -134,7 +189,9 @@ def segment(
         stats_log.flush()
         summary.seconds = time.perf_counter() - started
         # One listing: units that met a device failure (in this run or an earlier one) and were run again.
-        summary.units_with_device_failures = len(out.names(FAULTS_DIR))
+        summary.units_with_device_failures = sum(
+            1 for n in out.names(FAULTS_DIR) if n.endswith(".json") and not n.startswith(".")
+        )
         if summary.complete:
             out.write_json(SUCCESS_FILE, summary.to_json())
     return summary
@@ -182,14 +239,28 @@ def _fetch_default_weights(spec: ModelSpec) -> None:
 def _prepare_output(out: Output, cfg: SegmentConfig, spec: ModelSpec, fp: str, run_id: str) -> None:
     try:
         previous = out.read_json(CONFIG_FILE)
+        url = cfg.input.url
+        written = (previous or {}).get("config") or {}
+        # Every input planned into this output (outputs written before appends name one, in their config).
+        inputs = (previous or {}).get("inputs") or [written.get("input", {}).get("url")]
         if previous and cfg.output.mode == "overwrite":
             out.clear()
-        elif previous and previous.get("fingerprint") != fp and _holds_results(out):
-            raise JobError(
-                f"{out.url} holds results of another input/model/threshold setting (fingerprint "
-                f"{previous.get('fingerprint')} != {fp}, model {previous.get('model_id')}); "
-                "use a new --output, or --set output.mode=overwrite to replace them"
-            )
+            inputs = []
+        elif previous and _holds_results(out):
+            if previous.get("fingerprint") not in (fp, _fingerprint_v1(cfg, spec, written)):
+                raise JobError(
+                    f"{out.url} holds results of another model/threshold setting (fingerprint "
+                    f"{previous.get('fingerprint')} != {fp}, model {previous.get('model_id')}); "
+                    "use a new --output, or --set output.mode=overwrite to replace them"
+                )
+            if cfg.output.mode == "resume" and url not in inputs:
+                raise JobError(
+                    f"{out.url} holds results of another input ({inputs[-1]}); a re-run resumes its stored plan and "
+                    f"would not read {url}: to add the inputs of {url} that it lacks, --set output.mode=append; "
+                    "or use a new --output"
+                )
+        else:
+            inputs = []
         out.remove_stale_temporaries()
         out.write_json(
             CONFIG_FILE,
@@ -201,6 +272,7 @@ def _prepare_output(out: Output, cfg: SegmentConfig, spec: ModelSpec, fp: str, r
                 "min_size": spec.min_size,
                 "max_size": spec.max_size,
                 "fingerprint": fp,
+                "inputs": [*inputs, url] if url not in inputs else inputs,
                 "run_id": run_id,
             },
         )
@@ -216,16 +288,37 @@ def _holds_results(out: Output) -> bool:
     return out.exists(f"{PLAN_DIR}/{plan_mod.INDEX}") or bool(out.names(COMMITTED_DIR))
 
 
-def _plan(cfg: SegmentConfig, out: Output, connect: Callable[[], None], log: Callable[[str], None]) -> Plan:
-    """The stored plan, or a new one: listed here (folders, globs) or read by Ray tasks (manifests)."""
+def _plan(
+    cfg: SegmentConfig, out: Output, connect: Callable[[], None], log: Callable[[str], None]
+) -> tuple[Plan, bool]:
+    """The stored plan (with `output.mode: append`, plus the inputs it lacks), or a new one: listed here (folders,
+    globs) or read by Ray tasks (manifests). Returns it and whether this run planned it from scratch."""
     plan_url = out.url_of(PLAN_DIR)
     plan_opts, input_opts = cfg.output.storage_options(), cfg.input.storage_options()
-    url, unit_size = cfg.input.url, cfg.input.unit_size
+    url = cfg.input.url
     try:
         existing = plan_mod.load_plan(plan_url, storage_options=plan_opts)
         if existing is not None:
-            return existing
+            if cfg.input.unit_size not in (None, existing.unit_size):
+                log(
+                    f"input.unit_size={cfg.input.unit_size} not used: this output's plan has units of "
+                    f"{existing.unit_size} inputs, which every run on it keeps"
+                )
+            if cfg.output.mode != "append":
+                return existing, False
+            connect()
+            appended = append_mod.append(
+                existing,
+                input_url=url,
+                input_options=input_opts,
+                plan_options=plan_opts,
+                read_cpus=cfg.compute.read_cpus,
+                before_publish=lambda: _withdraw_success(out),
+                log=log,
+            )
+            return appended, False
         plan_mod.clear_partial_plan(plan_url, storage_options=plan_opts)
+        unit_size = cfg.input.unit_size or _auto_unit_size(cfg, connect, log)
         skipped: Counter = Counter()
         t0 = time.perf_counter()
         found = sources.find_source(url, storage_options=input_opts)
@@ -258,11 +351,37 @@ def _plan(cfg: SegmentConfig, out: Output, connect: Callable[[], None], log: Cal
             f"planned {plan.inputs} inputs in {plan.units} units ({how} in {seconds:.1f} s, "
             f"{plan.inputs / max(seconds, 1e-9):.0f} inputs/s)"
         )
-        return plan
+        return plan, True
     except JobError:
         raise
     except Exception as e:
         raise JobError(f"input: {describe_storage_error(url, root_cause(e))}") from None
+
+
+def _auto_unit_size(cfg: SegmentConfig, connect: Callable[[], None], log: Callable[[str], None]) -> int:
+    """`input.unit_size: auto` for a new plan: from `model.device` when it decides alone, else from the cluster
+    (connected here, before planning, to see its GPUs). Stored in the plan: later runs keep it on any hardware."""
+    device, gpus_per_actor = cfg.model.device, cfg.compute.gpus_per_actor
+    if device == "cpu" or gpus_per_actor == 0:
+        why = "model.device is cpu" if device == "cpu" else "compute.gpus_per_actor is 0"
+        gpus = 0.0
+    elif device == "cuda":
+        why, gpus = "model.device is cuda", 1.0
+    else:
+        connect()
+        gpus, _ = cluster_resources()
+        why = f"the cluster has {gpus:g} GPU(s)" if gpus else "the cluster has no GPU"
+    size = plan_mod.auto_unit_size(device=device, gpus_per_actor=gpus_per_actor, cluster_gpus=gpus)
+    log(f"unit size: {size} inputs per unit (input.unit_size auto: {why})")
+    return size
+
+
+def _withdraw_success(out: Output) -> None:
+    """An append about to publish new units: the output is no longer complete until they are."""
+    try:
+        retry.call(out.fs.rm, out.path(SUCCESS_FILE))
+    except FileNotFoundError:
+        pass
 
 
 def _execute(
@@ -282,6 +401,9 @@ def _execute(
 ) -> None:
     import ray
 
+    # Running units' counts, a few times a second from each actor (`pipeline.segment.live`); no CPU reserved: it
+    # only stores a few numbers per running unit.
+    board = ray.remote(ProgressBoard).options(num_cpus=0).remote()
     settings = WorkerSettings(
         spec=spec,
         output_url=out.url_of(),
@@ -293,8 +415,12 @@ def _execute(
         io_threads=res.io_threads,
         max_pixels=cfg.input.max_pixels,
         batch_size=batch_size_for(cfg.model.batch_size, res.device),
+        image_memory_bytes=image_memory_for(
+            cfg.compute.image_memory_mb, memory_per_actor(res, node_resources())
+        ),
         precision=cfg.model.precision,
         on_image_error=cfg.on_image_error,
+        progress_board=board,
         gpu_memory_fraction=res.gpus_per_actor if res.device == "cuda" and res.gpus_per_actor < 1 else None,
         output_options=cfg.output.storage_options(),
         input_options=cfg.input.storage_options(),
@@ -324,7 +450,14 @@ def _execute(
         SegmentWorker,
         batch_size=1,
         batch_format="pyarrow",
-        compute=ray.data.ActorPoolStrategy(min_size=res.min_actors, max_size=res.max_actors),
+        # Two units at once per actor, so that the next unit reads while the last one drains and commits (the
+        # actor lets one forward pass run at a time, the older unit's first: `worker._Turn`).
+        compute=ray.data.ActorPoolStrategy(
+            min_size=res.min_actors,
+            max_size=res.max_actors,
+            max_concurrent_calls_per_actor=UNITS_PER_ACTOR,
+            enable_true_multi_threading=True,
+        ),
         num_cpus=res.cpus_per_actor,
         num_gpus=res.gpus_per_actor,
         fn_constructor_kwargs={"settings": settings},
@@ -332,23 +465,30 @@ def _execute(
     seen = (
         done.copy()
     )  # units counted: done before, or reported in this run (a task re-run delivers a unit again)
+    # Counts of the units running now (the board's, for units not yet seen to commit): images, errors, detections.
+    running = [0, 0, 0]
+    lock = threading.Lock()
 
     def line() -> str:
-        rate = summary.images_this_run / (time.perf_counter() - started)
+        rate = (summary.images_this_run + running[0]) / (time.perf_counter() - started)
         return (
             f"progress: {summary.units_committed + summary.units_skipped}/{summary.units_total} units, "
-            f"{summary.images} images ({summary.errors} error), {summary.detections} detections, "
-            f"{rate:.2f} images/s"
+            f"{summary.images + running[0]} images ({summary.errors + running[1]} error), "
+            f"{summary.detections + running[2]} detections, {rate:.2f} images/s"
         )
 
     def status() -> str:
         return (
             f"units {summary.units_committed + summary.units_skipped}/{summary.units_total}, "
-            f"{summary.errors} error, {summary.detections} detections"
+            f"{summary.errors + running[1]} error, {summary.detections + running[2]} detections"
         )
 
-    # Images are counted when their unit commits (the driver hears of nothing smaller); tar shards' image counts
-    # are known only once read, so a plan with shards has no total to show.
+    def show() -> None:  # under `lock`
+        progress.set(
+            summary.images_skipped + summary.images_this_run + running[0], status=status(), line=line
+        )
+
+    # Tar shards' image counts are known only once read, so a plan with shards has no total to show.
     total = plan.inputs if all(p.kind is Kind.FILES for p in plan.parts) else None
     progress = Progress(
         "segment",
@@ -359,22 +499,42 @@ def _execute(
         interval_s=cfg.progress_interval_s,
         initial=summary.images_skipped,
     )
+    stop = threading.Event()
+
+    def poll() -> None:
+        """Every `POLL_S`, and when a plain line is due: the board's counts, then the bar or a line."""
+        while not stop.wait(max(0.01, min(POLL_S, progress.due_in()))):
+            try:
+                snapshot = ray.get(board.snapshot.remote(), timeout=10)
+            except Exception:  # noqa: BLE001  (live counts are decoration: the commits still count)
+                continue
+            with lock:
+                running[:] = in_flight(snapshot, seen)
+                show()
+
+    poller = threading.Thread(target=poll, name="progress", daemon=True)
     try:
         with progress:
-            progress.update(0, status=status())
+            with lock:
+                show()
+            poller.start()
             for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
-                new = 0
-                for row in batch.to_pylist():
-                    stats = stats_from_row(row)
-                    o = int(stats.unit_id)
-                    if seen[o]:
-                        continue
-                    seen[o] = True
-                    summary.add(stats, this_run=True)
-                    stats_log.record(stats)
-                    new += stats.images
+                with lock:
+                    for row in batch.to_pylist():
+                        stats = stats_from_row(row)
+                        o = int(stats.unit_id)
+                        if seen[o]:
+                            continue
+                        seen[o] = True
+                        summary.add(stats, this_run=True)
+                        stats_log.record(stats)
+                    show()
                 lease.check()
-                progress.update(new, status=status(), line=line)
+            stop.set()
+            poller.join()
+            with lock:
+                running[:] = [0, 0, 0]
+                show()
     except Exception as e:
         summary.units_incomplete = _unfinished(seen)
         cause = root_cause(e)
@@ -382,6 +542,12 @@ def _execute(
         if isinstance(cause, JobError):
             raise JobError(one_line(cause)) from None
         raise JobError(f"inference pipeline failed: {_describe(cause)}") from None
+    finally:
+        stop.set()
+        try:
+            ray.kill(board)
+        except Exception:  # noqa: BLE001  (Ray itself may be going down with the job)
+            pass
     summary.units_incomplete = _unfinished(seen)
 
 

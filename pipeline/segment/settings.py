@@ -35,6 +35,22 @@ GPU_BATCH_SIZE = 4
 # of milliseconds each and need many in flight.
 IO_THREADS = 16
 
+# Decoded-image bytes an actor may hold (compute.image_memory_mb auto: `image_memory_for`): an eighth of its share
+# of the node's memory, within these bounds. 2 GiB holds ~55 decoded 12-MP photos or ~2,300 640x480 images: far
+# more than a GPU needs queued (a few batches), while a node of 8 GPU actors keeps 16 GiB for pixels at most.
+IMAGE_MEMORY_MIN = 256 << 20
+IMAGE_MEMORY_MAX = 2 << 30
+
+
+def image_memory_for(configured_mb: int | None, memory_per_actor: float | None) -> int:
+    """The byte budget for an actor's decoded images: `configured_mb` MiB, else an eighth of `memory_per_actor`
+    (bytes; None: unknown) within [`IMAGE_MEMORY_MIN`, `IMAGE_MEMORY_MAX`]."""
+    if configured_mb:
+        return int(configured_mb) << 20
+    if not memory_per_actor:
+        return IMAGE_MEMORY_MAX
+    return int(min(IMAGE_MEMORY_MAX, max(IMAGE_MEMORY_MIN, memory_per_actor / 8)))
+
 
 class PrecisionError(ValueError):
     pass
@@ -71,11 +87,14 @@ class WorkerSettings:
     io_threads: int = IO_THREADS
     max_pixels: int = 100_000_000
     batch_size: int = CPU_BATCH_SIZE
+    image_memory_bytes: int = IMAGE_MEMORY_MAX  # see pipeline.segment.memory
     precision: str = "auto"
     mask_route: str = "auto"  # "auto" | "batched" | "in_box" (see pipeline.segment.infer)
     # None: the post-processing thread runs on GPUs only; tests set it to run the GPU layout on a CPU.
     overlap: bool | None = None
     on_image_error: str = "record"
+    # A handle of the driver's `pipeline.segment.live.ProgressBoard` actor (None: no live counts, e.g. without Ray).
+    progress_board: object = None
     # Actors sharing a GPU (compute.gpus_per_actor below 1): the share of its memory each may use.
     gpu_memory_fraction: float | None = None
     output_options: dict = dataclasses.field(default_factory=dict)

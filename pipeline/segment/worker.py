@@ -4,7 +4,18 @@ Under Ray Data it is the class given to `map_batches` on an actor pool, one inst
 without Ray on a `units_table(...)` or one `Unit` at a time (`process`), which is how the tests drive it. Work overlaps on threads:
 `pipeline.segment.read` fetches and decodes the next inputs on `io_threads` threads; the main thread runs the model
 forward on a batch; on a GPU, one post-processing thread turns the previous batch's outputs into masks and RLE
-strings and hands every row to the unit's writer, in input order.
+strings and hands every row to the unit's writer (rows are stored by position, whatever order they come in).
+
+Memory is bounded in bytes, not images (`pipeline.segment.memory`): one budget per actor for every decoded image it
+holds (read ahead, waiting in a batch, or being post-processed). Batches group images of one orientation
+(`pipeline.segment.batching`), so a batch is not padded to a square.
+
+No idle between units: the actor runs two units at once (Ray Data's `max_concurrent_calls_per_actor=2`, set by
+`pipeline.segment.run`), and the model runs one forward pass at a time, the older unit first (`_Turn`): while unit
+k drains and commits, unit k+1 has been reading and decoding and takes the model at once. Each unit is still
+committed on its own, exactly once, by its own call.
+
+While a unit runs, its counts go to the driver's progress board a few times a second (`pipeline.segment.live`).
 
 The actor writes the unit's files itself (`pipeline.segment.writer.UnitWriter`), so rows never travel to the
 driver: it returns one small row of counts per unit.
@@ -15,9 +26,13 @@ what is an image's failure and what is the device's, and what each does, is `pip
 
 from __future__ import annotations
 
+import contextlib
 import gc
+import heapq
+import itertools
 import os
 import sys
+import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 
@@ -25,8 +40,11 @@ import numpy as np
 import pyarrow as pa
 
 from pipeline.segment import faults
+from pipeline.segment.batching import ShapeBatcher
 from pipeline.segment.faults import DeviceFailure, UnitFaults, describe, is_device_failure
 from pipeline.segment.infer import Segmenter
+from pipeline.segment.live import UnitReporter
+from pipeline.segment.memory import ImageMemory, return_freed_memory
 from pipeline.segment.read import Decoded, decoded_inputs
 from pipeline.segment.settings import WorkerSettings
 from pipeline.segment.storage import Output
@@ -45,6 +63,7 @@ class ImageError(RuntimeError):
 class SegmentWorker:
     def __init__(self, settings: WorkerSettings):
         self.settings = settings
+        return_freed_memory()  # an actor's RSS is what it holds, not what glibc kept (memory.py)
         if settings.device == "cuda":
             faults.check_cuda(memory_fraction=settings.gpu_memory_fraction)
         self.segmenter = Segmenter(
@@ -61,6 +80,11 @@ class SegmentWorker:
         overlap = settings.overlap
         self.overlap = self.segmenter.device.type == "cuda" if overlap is None else overlap
         self.passes_ok = 0  # forward passes that succeeded in this process: evidence that the device works
+        self.memory = ImageMemory(settings.image_memory_bytes)
+        self._turn = _Turn()
+        self._order = itertools.count()  # units in the order this actor started them: the older goes first
+        self._local = threading.local()  # the unit (its place in that order) this thread works for
+        self._records = threading.Lock()  # a failure record is written whole before this process may end
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         """`UNIT_SCHEMA` rows → one `STATS_SCHEMA` row per unit, once it is committed. On a device failure this
@@ -68,10 +92,13 @@ class SegmentWorker:
         try:
             return stats_table([self.process(u) for u in units_from_table(batch)])
         except DeviceFailure as e:
-            print(
-                f"device failure, ending this actor so that Ray restarts it: {e}", file=sys.stderr, flush=True
-            )
-            os._exit(DEVICE_FAILURE_EXIT)
+            with self._records:  # never while the other unit in flight is writing its own failure record
+                print(
+                    f"device failure, ending this actor so that Ray restarts it: {e}",
+                    file=sys.stderr,
+                    flush=True,
+                )
+                os._exit(DEVICE_FAILURE_EXIT)
 
     def process(self, unit: Unit) -> UnitStats:
         """Segment every input of `unit` and commit its files; returns the unit's counts. Raises `DeviceFailure`
@@ -88,7 +115,8 @@ class SegmentWorker:
             record.attempts += 1
             record.last_error = str(e)
             try:
-                faults.save(self.output, record)
+                with self._records:
+                    faults.save(self.output, record)
             except Exception as save_error:  # noqa: BLE001  (the unit is retried either way; the count is lost)
                 print(f"could not record the device failure: {save_error}", file=sys.stderr, flush=True)
             if record.attempts >= faults.MAX_ATTEMPTS:
@@ -101,13 +129,23 @@ class SegmentWorker:
 
     def _process(self, unit: Unit, record: UnitFaults) -> UnitStats:
         s = self.settings
+        self._local.order = next(self._order)
+        reporter = UnitReporter(s.progress_board, unit.ordinal)
         writer = UnitWriter(
             self.output,
             unit.unit_id,
             model_id=s.spec.model_id,
             run_id=s.run_id,
             class_names=list(s.spec.class_names),
+            on_row=lambda w: reporter.update(w.images, w.images - w.ok, w.detections),
         )
+        with self.memory.unit() as memory:
+            stats = self._run(unit, record, writer, memory)
+        reporter.finish()
+        return stats
+
+    def _run(self, unit: Unit, record: UnitFaults, writer: UnitWriter, memory) -> UnitStats:
+        s = self.settings
         # After repeated device failures the unit runs image by image, its suspects last (after a healthy pass).
         batch_size, overlap = (1, False) if record.isolate else (s.batch_size, self.overlap)
         inputs = decoded_inputs(
@@ -120,7 +158,9 @@ class SegmentWorker:
             threads=s.io_threads,
             depth=max(2 * s.io_threads, 2 * batch_size),
             pin_memory=self.segmenter.device.type == "cuda",
+            memory=memory,
         )
+        batcher = ShapeBatcher(batch_size)
         suspects: list[Decoded] = []
         if record.isolate and self.passes_ok == 0:
             self._canary()
@@ -130,22 +170,19 @@ class SegmentWorker:
         # (bench/scale.py), so there everything runs here, in order.
         with ThreadPoolExecutor(1, thread_name_prefix="post") if overlap else _Inline() as post:
             pending: list[Future] = []
-            batch: list[Decoded] = []
             for item in inputs:
                 if item.error is not None:
                     pending.append(post.submit(self._fail, writer, item, item.error))
                 elif record.blamed(item.index):
-                    item.image = None
+                    item.drop_image()
                     pending.append(post.submit(self._fail, writer, item, _blame(record, item.index)))
                 elif record.isolate and item.index in record.suspects:
                     suspects.append(item)
                 else:
-                    batch.append(item)
-                if len(batch) >= batch_size:
-                    pending.append(self._infer(post, writer, batch))
-                    batch = []
+                    for batch in batcher.add(item):
+                        pending.append(self._infer(post, writer, batch))
                 pending = self._collect(pending, writer)
-            if batch:
+            for batch in batcher.flush():
                 pending.append(self._infer(post, writer, batch))
             for item in suspects:  # last: a device they fail has served the others first
                 pending.append(self._infer(post, writer, [item]))
@@ -173,7 +210,10 @@ class SegmentWorker:
         """`Segmenter.forward`, with a device failure turned into `DeviceFailure` (naming the image if alone)."""
         device_failure = None
         try:
-            outputs = self.segmenter.forward([item.image for item in batch])
+            with self._turn(getattr(self._local, "order", 0)):
+                outputs = self.segmenter.forward(
+                    [item.image for item in batch], [(item.height, item.width) for item in batch]
+                )
         except Exception as e:
             if not is_device_failure(e):
                 raise
@@ -205,7 +245,7 @@ class SegmentWorker:
             raise _NeedsIsolation(batch, describe(e)) from None
         share_ms = (forward_s + time.perf_counter() - t0) * 1e3 / len(batch)
         for item, result in zip(batch, results):
-            item.image = None  # the pixels are done with; the unit's writer keeps only results
+            item.drop_image()  # the pixels are done with; the unit's writer keeps only results
             _add(writer, item, infer_ms=share_ms, detections=result)
 
     def _isolate(self, post, writer: UnitWriter, batch: list[Decoded], message: str) -> None:
@@ -214,7 +254,7 @@ class SegmentWorker:
         _drain(post)
         self._release()
         if len(batch) == 1:
-            batch[0].image = None
+            batch[0].drop_image()
             self._fail(writer, batch[0], f"inference failed: {message}")
             return
         for item in batch:
@@ -227,7 +267,7 @@ class SegmentWorker:
             except Exception as e:  # noqa: BLE001
                 failure = describe(e)
             infer_ms = (time.perf_counter() - t0) * 1e3
-            item.image = None
+            item.drop_image()
             if failure is None:
                 _add(writer, item, infer_ms=infer_ms, detections=results[0])
             else:
@@ -253,6 +293,7 @@ class SegmentWorker:
         """One forward pass on a small blank image: proof that the device works in this process, so that a failure
         of an image run alone after it is that image's (a dead device fails the canary itself)."""
         blank = Decoded(-1, "canary", image=np.full((64, 64, 3), 114, dtype=np.uint8))
+        blank.columns.update(height=64, width=64)
         self._forward([blank])
 
     def _release(self) -> None:
@@ -267,6 +308,31 @@ class SegmentWorker:
         if self.settings.on_image_error == "raise":
             raise ImageError(f"{item.image_uri}: {reason}")
         _add(writer, item, infer_ms=infer_ms, error=reason)
+
+
+class _Turn:
+    """The model, one forward pass at a time, granted to the oldest unit that asks (units run two at once in an
+    actor: the newer one reads ahead and uses the model only when the older one is not waiting for it)."""
+
+    def __init__(self) -> None:
+        self._cv = threading.Condition()
+        self._busy = False
+        self._waiting: list[int] = []  # a heap of unit orders
+
+    @contextlib.contextmanager
+    def __call__(self, order: int):
+        with self._cv:
+            heapq.heappush(self._waiting, order)
+            while self._busy or self._waiting[0] != order:
+                self._cv.wait()
+            heapq.heappop(self._waiting)
+            self._busy = True
+        try:
+            yield
+        finally:
+            with self._cv:
+                self._busy = False
+                self._cv.notify_all()
 
 
 class _NeedsIsolation(Exception):

@@ -17,6 +17,7 @@ import dataclasses
 import io
 import posixpath
 from collections import Counter
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -58,8 +59,18 @@ class UnitWriter:
     trace that a re-run could trust.
     """
 
-    def __init__(self, output: Output, unit_id: str, *, model_id: str, run_id: str, class_names: list[str]):
+    def __init__(
+        self,
+        output: Output,
+        unit_id: str,
+        *,
+        model_id: str,
+        run_id: str,
+        class_names: list[str],
+        on_row: Callable[[UnitWriter], None] | None = None,
+    ):
         self.output, self.unit_id = output, unit_id
+        self.on_row = on_row  # called after each input's row (live progress: `pipeline.segment.live`)
         self.model_id, self.run_id = model_id, run_id
         self._names = np.array(list(class_names), dtype=object)
         self._images: dict[str, list] = {name: [] for name in _ROW_COLUMNS}
@@ -105,6 +116,7 @@ class UnitWriter:
         self.images += 1
         if error is not None:
             self.error_reasons[reason_kind(error)] += 1
+            self._row_added()
             return
         self.ok += 1
         if n:
@@ -119,6 +131,11 @@ class UnitWriter:
                 self._flush_detections()
         if len(self._order) >= ROW_GROUP_ROWS:
             self._flush_images()
+        self._row_added()
+
+    def _row_added(self) -> None:
+        if self.on_row is not None:
+            self.on_row(self)
 
     def commit(self) -> UnitStats:
         self._flush_images()

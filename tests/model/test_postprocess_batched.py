@@ -8,7 +8,7 @@ from pycocotools import mask as mask_utils
 from torchvision.models.detection.roi_heads import paste_masks_in_image
 
 from model.build import build_maskrcnn
-from model.paste_batched import detections_batched, masks_to_rle
+from model.paste_batched import chunk_plan, crop_sizes, detections_batched, masks_to_rle, padded_elements
 from model.postprocess import (
     MASK_THRESHOLD,
     detections_from_mask_probs,
@@ -108,3 +108,53 @@ def test_model_outputs_give_the_same_detections_as_the_exact_route():
         assert [r["counts"] for r in got.rles] == [r["counts"] for r in want.rles]
         assert all(r["size"] == list(size) for r in got.rles)
         np.testing.assert_array_equal(got.areas, want.areas)
+
+
+def test_chunk_plan_covers_every_mask_once_within_the_limit():
+    rng = np.random.default_rng(0)
+    hw = np.concatenate([rng.integers(0, 60, (300, 2)), [[500, 400], [0, 0], [1, 700]]])
+    for limit in (1, 5000, 1 << 16, 1 << 30):
+        plan = chunk_plan(hw, limit)
+        assert sorted(np.concatenate(plan).tolist()) == list(range(len(hw)))
+        for which in plan:
+            # A chunk over the limit is one crop that is over it alone.
+            assert len(which) == 1 or padded_elements(hw, [which]) <= limit
+    assert [c.tolist() for c in chunk_plan(hw, 1 << 30)] == [list(range(len(hw)))]  # one chunk: own order
+    assert chunk_plan(np.zeros((0, 2), np.int64), 1 << 20) == []
+
+
+def test_one_large_crop_among_small_ones():
+    """A batch of three 480x640 images, each with 150 small boxes and one box over the whole image at score rank 3:
+    chunks by crop size give the in-box route's detections in score order, and pad far fewer elements than chunks
+    in score order, where each large crop pads the small ones of its chunk to its size."""
+    g = torch.Generator().manual_seed(2)
+    size, n, chunk_elements = (480, 640), 151, 1 << 22  # a chunk holds 13 whole-image crops
+    outputs = []
+    for _ in range(3):
+        xy = torch.rand(n, 2, generator=g) * torch.tensor([600.0, 440.0])
+        boxes = torch.cat([xy, xy + 8 + 32 * torch.rand(n, 2, generator=g)], dim=1)
+        boxes[3] = torch.tensor([2.0, 3.0, 637.0, 478.0])
+        outputs.append(
+            {
+                "boxes": boxes,
+                "labels": torch.randint(1, 5, (n,), generator=g),
+                "scores": torch.linspace(0.99, 0.1, n),
+                "masks": torch.rand(n, 1, 28, 28, generator=g),
+            }
+        )
+    batched = detections_batched(
+        outputs, image_sizes=[size] * 3, score_threshold=0.05, chunk_elements=chunk_elements
+    )
+    for out, got in zip(outputs, batched):
+        want = detections_from_mask_probs(out, image_size=size, score_threshold=0.05)
+        assert len(got) == len(want) == n
+        assert [r["counts"] for r in got.rles] == [r["counts"] for r in want.rles]
+        np.testing.assert_array_equal(got.areas, want.areas)
+        np.testing.assert_array_equal(got.scores, want.scores)
+
+    boxes = torch.cat([o["boxes"] for o in outputs])
+    hw = crop_sizes(boxes, torch.tensor([size] * len(boxes), dtype=torch.int64))
+    by_size = chunk_plan(hw, chunk_elements)
+    in_score_order = chunk_plan(hw, chunk_elements, by_size=False)
+    assert len(by_size) > 1  # the sorted route ran above, not the one-chunk shortcut
+    assert padded_elements(hw, by_size) * 5 < padded_elements(hw, in_score_order)

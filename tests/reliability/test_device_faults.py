@@ -53,13 +53,21 @@ def test_device_failures_in_three_forms_lose_nothing(shapes_dir, tmp_path):
     spec = {"mode": "transient", "dead_processes": 3, "at_call": 3, "dir": str(counters)}
     job = Job(folder, tmp_path / "out", tmp_path, "transient", env=injected(spec))
     assert job.finish() == 0, job.output()
-    assert sorted(p.name for p in counters.iterdir()) == ["failed-0", "failed-1", "failed-2"]  # all three injected
+    assert sorted(p.name for p in counters.iterdir()) == [
+        "failed-0",
+        "failed-1",
+        "failed-2",
+    ]  # all three injected
     rows = assert_exactly_once(tmp_path / "out", expected)
-    assert {r["status"] for r in rows.values()} == {"ok"}, {u: r["error"] for u, r in rows.items() if r["error"]}
+    assert {r["status"] for r in rows.values()} == {"ok"}, {
+        u: r["error"] for u, r in rows.items() if r["error"]
+    }
     records = [json.loads(p.read_text()) for p in (tmp_path / "out" / "_faults").glob("*.json")]
     assert sum(r["attempts"] for r in records) == 3
     assert f"device failures: {len(records)} unit(s) were run again after the device failed" in job.stdout
-    assert "(raylet)" not in job.output() and "A worker died" not in job.output()  # Ray's lines in its log file
+    assert (
+        "(raylet)" not in job.output() and "A worker died" not in job.output()
+    )  # Ray's lines in its log file
     assert {r["last_error"].split(":")[0] for r in records} <= {"AcceleratorError", "RuntimeError"}
 
 
@@ -67,7 +75,9 @@ def test_an_image_that_kills_the_device_every_time_becomes_one_error_row(shapes_
     folder, expected = inputs(shapes_dir, tmp_path, 6)
     poison = expected[3]
     shape = decode_image(Path(poison).read_bytes(), max_pixels=10**8).shape[:2]
-    job = Job(folder, tmp_path / "out", tmp_path, "poison", env=injected({"mode": "poison", "shape": list(shape)}))
+    job = Job(
+        folder, tmp_path / "out", tmp_path, "poison", env=injected({"mode": "poison", "shape": list(shape)})
+    )
     assert job.finish() == 0, job.output()
     rows = assert_exactly_once(tmp_path / "out", expected)
     assert rows[poison]["status"] == "error"
@@ -122,13 +132,13 @@ def test_oom_on_one_image_is_its_error_row_isolated_on_the_main_thread(shapes_di
     real = worker.segmenter.forward
     threads: list[str] = []
 
-    def forward(images):
+    def forward(images, original_sizes=None):
         threads.append(threading.current_thread().name)
         if any(tuple(i.shape) == bad_shape for i in images):
             import torch
 
             raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB (injected)")
-        return real(images)
+        return real(images, original_sizes)
 
     worker.segmenter.forward = forward
     [unit] = units_for(tmp_path, datas)
@@ -195,7 +205,7 @@ def test_a_unit_that_fails_the_device_too_often_ends_the_job_with_its_record(sha
     [unit] = units_for(tmp_path, datas)
     faults.save(worker.output, faults.UnitFaults(unit.unit_id, attempts=faults.MAX_ATTEMPTS - 1))
 
-    def dead(images):
+    def dead(images, original_sizes=None):
         import torch
 
         raise torch.AcceleratorError("CUDA error: an illegal memory access was encountered")

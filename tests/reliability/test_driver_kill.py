@@ -26,11 +26,12 @@ from tests.reliability.segment_job import (
 def test_driver_killed_at_any_moment_resumes_exactly_once(shapes_dir, tmp_path):
     inputs = tmp_path / "in"
     inputs.mkdir()
-    for f in sorted((shapes_dir / "val").glob("*.jpg"))[:8]:
+    # Enough units that a mid-way kill leaves some: an actor runs two units at once, so they commit in pairs.
+    for f in sorted((shapes_dir / "val").glob("*.jpg"))[:12]:
         shutil.copy(f, inputs / f.name)
     (inputs / "broken.jpg").write_bytes((shapes_dir / "val" / "000000.jpg").read_bytes()[:400])
     expected_uris = sorted(str(p) for p in inputs.iterdir())
-    n_units = -(-len(expected_uris) // UNIT_SIZE)  # 9 inputs → 5 units
+    n_units = -(-len(expected_uris) // UNIT_SIZE)  # 13 inputs → 7 units
     out, logs = tmp_path / "out", tmp_path / "logs"
     logs.mkdir()
 

@@ -26,10 +26,13 @@ from tests.support.hub import PROBE
 
 
 def test_fingerprints_of_outputs_made_before_model_architecture_are_unchanged():
-    """Pinned before the change: a different value means every existing output of the v1 model stops resuming."""
-    cfg = segment_config({"input": {"url": "s3://bucket/archive/"}, "output": {"url": "s3://bucket/out/"}})
-    assert run.fingerprint(cfg, resolve_spec("DEFAULT")) == "667ce46174a2c1b0"
-    assert run.fingerprint(cfg, resolve_spec("none")) == "bae9ee5a377f7c70"
+    """Pinned before the change: a different value means every existing output of the v1 model stops resuming.
+    Since appends, the fingerprint leaves out the input and the unit size; outputs written before are matched by
+    `_fingerprint_v1` with the input URL and unit size their own `_config.json` recorded."""
+    cfg = segment_config({"input": {"url": "s3://another/"}, "output": {"url": "s3://bucket/out/"}})
+    written = {"input": {"url": "s3://bucket/archive/", "unit_size": 2048}}
+    assert run._fingerprint_v1(cfg, resolve_spec("DEFAULT"), written) == "667ce46174a2c1b0"
+    assert run._fingerprint_v1(cfg, resolve_spec("none"), written) == "bae9ee5a377f7c70"
 
 
 @pytest.mark.parametrize("architecture", WITH_COCO_WEIGHTS)

@@ -93,7 +93,7 @@ def test_rerun_skips_committed_and_changed_settings_are_refused(ray_local, shape
     images, dets = read(str(out))
     assert images.num_rows == 12 and len(set(images.column("image_uri").to_pylist())) == 12
     assert dets.num_rows == first.detections == second.detections
-    with pytest.raises(JobError, match="holds results of another input/model/threshold"):
+    with pytest.raises(JobError, match="holds results of another model/threshold"):
         run(str(shapes_dir / "val"), str(out), model={"score_threshold": 0.9})
     third, _ = run(
         str(shapes_dir / "val"), str(out), model={"score_threshold": 0.9}, output={"mode": "overwrite"}

@@ -27,7 +27,13 @@ def make_worker(out, **kw):
     spec = resolve_spec("none", min_size=TINY_MODEL["min_size"], max_size=TINY_MODEL["max_size"])
     return SegmentWorker(
         WorkerSettings(
-            spec=spec, score_threshold=SCORE, output_url=str(out), max_detections=10, threads=2, run_id="r1", **kw
+            spec=spec,
+            score_threshold=SCORE,
+            output_url=str(out),
+            max_detections=10,
+            threads=2,
+            run_id="r1",
+            **kw,
         )
     )
 
@@ -217,10 +223,10 @@ def test_an_image_that_breaks_the_batch_is_isolated(shapes_dir, tmp_path):
     real_forward = worker.segmenter.forward
     bad_shape = decode_image(datas[bad], max_pixels=10**8).shape
 
-    def forward(images):
+    def forward(images, original_sizes=None):
         if any(tuple(i.shape) == bad_shape for i in images):
             raise RuntimeError("CUDA out of memory (simulated)")
-        return real_forward(images)
+        return real_forward(images, original_sizes)
 
     worker.segmenter.forward = forward
     [unit] = units_for(tmp_path, datas)
@@ -230,3 +236,17 @@ def test_an_image_that_breaks_the_batch_is_isolated(shapes_dir, tmp_path):
     assert rows[bad]["error"] == "inference failed: RuntimeError: CUDA out of memory (simulated)"
     assert all(rows[u]["status"] == "ok" and rows[u]["num_detections"] > 0 for u in datas if u != bad)
     assert (stats.images, stats.ok, stats.errors) == (4, 3, 1)
+
+
+def test_decoded_pixels_stay_within_the_byte_budget_and_every_image_is_segmented(tmp_path):
+    from pipeline.segment.memory import DECODE_BYTES_PER_PIXEL
+
+    datas = {f"{i:02d}.png": png_bytes(np.full((240, 320, 3), 20 * i, np.uint8)) for i in range(8)}
+    one = 240 * 320 * DECODE_BYTES_PER_PIXEL
+    worker = make_worker(tmp_path / "out", image_memory_bytes=2 * one, io_threads=8, batch_size=2)
+    [unit] = units_for(tmp_path, datas)
+    stats = worker.process(unit)
+    assert stats.images == 8 and stats.ok == 8
+    # The budget, plus the image the consumer waits for (always admitted so a batch can complete).
+    assert 0 < worker.memory.peak <= 3 * one
+    assert worker.memory.held == 0  # everything returned when the unit ended

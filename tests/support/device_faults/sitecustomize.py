@@ -28,7 +28,9 @@ def _failure(form: int) -> BaseException:
     if form % 3 == 0:
         return torch.AcceleratorError("CUDA error: an illegal memory access was encountered")
     if form % 3 == 1:
-        return RuntimeError("CUDA error: unspecified launch failure\nCompile with `TORCH_USE_CUDA_DSA` to enable")
+        return RuntimeError(
+            "CUDA error: unspecified launch failure\nCompile with `TORCH_USE_CUDA_DSA` to enable"
+        )
     return RuntimeError("cuDNN error: CUDNN_STATUS_EXECUTION_FAILED")
 
 
@@ -48,7 +50,7 @@ def _patch(module) -> None:
     real = module.Segmenter.forward
     state = {"calls": 0, "dead": None}
 
-    def forward(self, images):
+    def forward(self, images, original_sizes=None):
         state["calls"] += 1
         if state["dead"] is not None:
             raise _failure(state["dead"])
@@ -65,7 +67,7 @@ def _patch(module) -> None:
             import torch
 
             raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB (injected)")
-        return real(self, images)
+        return real(self, images, original_sizes)
 
     module.Segmenter.forward = forward
 
