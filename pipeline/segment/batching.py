@@ -1,4 +1,4 @@
-"""Batching: decoded images grouped into forward passes of like shape (pure; no torch, no Ray).
+"""Batching: decoded images grouped into forward passes of like shape (pure; no Ray).
 
 A batch is padded to the largest height and the largest width among its images (then up to a multiple of 32), so
 a batch mixing landscape and portrait photos pays for a square: 4:3 images mixed 50/50 cost ~1.36x their pixels,
@@ -12,6 +12,8 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable, Sequence
 from typing import Protocol, TypeVar
+
+from model.resize import model_scale
 
 
 class Sized2D(Protocol):
@@ -66,7 +68,7 @@ class ShapeBatcher:
 
 def model_size(height: int, width: int, *, min_size: int, max_size: int) -> tuple[int, int]:
     """The size torchvision's transform resizes an image to (floor of the scaled sides)."""
-    scale = min(min_size / min(height, width), max_size / max(height, width))
+    scale = model_scale(height, width, min_size=min_size, max_size=max_size)
     return int(height * scale), int(width * scale)
 
 

@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -45,7 +46,9 @@ class SessionJob:
     process group (driver, and with an embedded Ray its GCS and raylet); output captured to files (a pipe could fill
     up). Ray workers sit in process groups of their own within the session, which is how `session()` finds them."""
 
-    def __init__(self, script: Path, args: list[str], logs: Path, name: str, env: dict[str, str] | None = None):
+    def __init__(
+        self, script: Path, args: list[str], logs: Path, name: str, env: dict[str, str] | None = None
+    ):
         self.stdout_path, self.stderr_path = logs / f"{name}.out", logs / f"{name}.err"
         self.ray_tmp, job_env = private_ray("rk-")  # removed after the run
         env = {**job_env, **(env or {})}
@@ -174,3 +177,26 @@ def assert_exactly_once(out: Path | str, expected_uris: list[str], filesystem=No
     for uri, n in per_image.items():  # instances 0..n-1 of each image: none lost, none from another run
         assert sorted(i for (u, i) in instances if u == uri) == list(range(n))
     return by_uri
+
+
+def finish_killing_actors_when(
+    job: Job, stalled: threading.Event, before_kill: Callable[[], None] | None = None
+) -> tuple[int, list[int]]:
+    """Run `job` to its end while a thread SIGKILLs its inference actors once `stalled` is set (a request held by
+    the fault proxy); `before_kill()` runs just before. Returns the job's exit code and the pids killed."""
+    killed: list[int] = []
+
+    def kill() -> None:
+        if not stalled.wait(240):
+            return
+        if before_kill is not None:
+            before_kill()
+        for p in job.session("MapBatches(SegmentWorker)"):
+            p.send_signal(signal.SIGKILL)
+            killed.append(p.pid)
+
+    killer = threading.Thread(target=kill, daemon=True)
+    killer.start()
+    code = job.finish()
+    killer.join(timeout=5)
+    return code, killed

@@ -14,7 +14,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
 import threading
 from pathlib import Path
 
@@ -25,7 +24,7 @@ import s3fs
 from model.decode import decode_image
 from pipeline.errors import JobError
 from pipeline.segment import faults
-from tests.reliability.segment_job import Job, assert_exactly_once
+from tests.reliability.segment_job import Job, assert_exactly_once, finish_killing_actors_when
 from tests.support.s3proxy import Fault, FaultyS3
 
 INJECT = str(Path(__file__).resolve().parents[1] / "support" / "device_faults")
@@ -98,22 +97,11 @@ def test_the_actor_killed_while_it_handles_a_device_failure_loses_nothing(moto_s
     bucket = f"df-{tmp_path.name[-12:].lower().replace('_', '-')}"
     fs = s3fs.S3FileSystem(client_kwargs={"endpoint_url": moto_server}, skip_instance_cache=True)
     fs.mkdir(bucket)
-    killed: list[int] = []
     with FaultyS3(moto_server, [Fault("PUT", r"/out/_faults/", kinds=("stall",), delay_s=60)]) as proxy:
         sets = [f"output.storage.endpoint_url={proxy.endpoint}"]
         job = Job(folder, f"s3://{bucket}/out", tmp_path, "kill", sets=sets, env=injected(spec))
 
-        def kill_the_actor() -> None:
-            if not proxy.stalled.wait(240):
-                return
-            for p in job.session("MapBatches(SegmentWorker)"):
-                p.send_signal(signal.SIGKILL)
-                killed.append(p.pid)
-
-        killer = threading.Thread(target=kill_the_actor, daemon=True)
-        killer.start()
-        code = job.finish()
-        killer.join(timeout=5)
+        code, killed = finish_killing_actors_when(job, proxy.stalled)
     assert code == 0, job.output()
     assert killed, "the actor was not found mid-record"
     rows = assert_exactly_once(f"{bucket}/out", expected, filesystem=fs)

@@ -1,12 +1,9 @@
 """An actor runs two units at once (the next one reads while the last one commits): killed at exactly that moment,
 both units run again and every input still has exactly one images row."""
 
-import signal
-import threading
-
 import s3fs
 
-from tests.reliability.segment_job import Job, assert_exactly_once
+from tests.reliability.segment_job import Job, assert_exactly_once, finish_killing_actors_when
 from tests.support.s3proxy import Fault, FaultyS3
 
 
@@ -19,7 +16,6 @@ def test_the_actor_killed_while_unit_k_commits_and_unit_k_plus_1_reads(moto_serv
         fs.pipe(f"{bucket}/in/{f.name}", f.read_bytes())
     expected = [f"s3://{bucket}/in/{f.name}" for f in files]
     next_unit = [f.name for f in files[2:4]]  # unit 1 (units of 2 inputs, in name order)
-    killed: list[int] = []
     seen_reading: list[str] = []
     # Unit 0's upload of its images file is held: the actor is then committing unit 0.
     hold = Fault("PUT", r"/out/images/part-00000000", kinds=("stall",), delay_s=60)
@@ -30,20 +26,12 @@ def test_the_actor_killed_while_unit_k_commits_and_unit_k_plus_1_reads(moto_serv
         ]
         job = Job(f"s3://{bucket}/in", f"s3://{bucket}/out", tmp_path, "overlap", sets=sets)
 
-        def kill_the_actor() -> None:
-            if not proxy.stalled.wait(240):
-                return
+        def note_unit_1_reads() -> None:
             with proxy._lock:
                 requested = list(proxy._attempts)
             seen_reading.extend(n for n in next_unit if any(f"GET /{bucket}/in/{n}" in r for r in requested))
-            for p in job.session("MapBatches(SegmentWorker)"):
-                p.send_signal(signal.SIGKILL)
-                killed.append(p.pid)
 
-        killer = threading.Thread(target=kill_the_actor, daemon=True)
-        killer.start()
-        code = job.finish()
-        killer.join(timeout=5)
+        code, killed = finish_killing_actors_when(job, proxy.stalled, note_unit_1_reads)
     assert code == 0, job.output()
     assert killed, "the actor was not found while it committed"
     assert seen_reading, "unit 1 had not started reading while unit 0 committed"
